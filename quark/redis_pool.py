@@ -1,0 +1,179 @@
+"""The data pool in Redis: a Stream of records plus a hash of their rewards.
+
+Keys (``prefix`` is the service's ``QUARK_KEY_PREFIX``):
+
+* ``{prefix}:pool``    Stream; each entry has one field ``record`` = ``PoolRecord.to_json()``.
+  XADD trims it with an approximate MAXLEN (the retention bound), oldest first.
+* ``{prefix}:rewards`` hash record_id -> reward (scores arrive after the record, from the
+  workers, so they live beside the immutable stream entry rather than in it).
+* ``{prefix}:cursors`` hash name -> last stream id a consumer has processed.
+
+Implements the :class:`quark.pool.Pool` protocol and what the online loop needs
+(:class:`quark.online.OnlinePool`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import redis
+
+from quark.pool import PoolRecord
+
+START = "0-0"  # a stream id before every entry
+_CHUNK = 500
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _field(fields: Mapping[Any, Any], name: str) -> str:
+    """A stream entry's field, whether the client decodes responses or not."""
+    value = fields.get(name.encode(), fields.get(name))
+    if value is None:
+        raise ValueError(f"pool stream entry without a {name!r} field: {fields!r}")
+    return _text(value)
+
+
+class RedisPool:
+    """Pool records in a Redis Stream; see the module docstring for the key layout."""
+
+    def __init__(self, client: redis.Redis, prefix: str, max_records: int | None = None) -> None:
+        if max_records is not None and max_records < 1:
+            raise ValueError(f"max_records must be >= 1 or None, got {max_records}")
+        self.client = client
+        self.prefix = prefix
+        self.max_records = max_records
+        self.stream_key = f"{prefix}:pool"
+        self.rewards_key = f"{prefix}:rewards"
+        self.cursors_key = f"{prefix}:cursors"
+
+    @classmethod
+    def from_url(
+        cls, url: str, prefix: str, max_records: int | None = None, timeout_s: float = 5.0
+    ) -> RedisPool:
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+        )
+        return cls(client, prefix, max_records)
+
+    # -- writing ---------------------------------------------------------------------------
+    def add(self, records: Iterable[PoolRecord]) -> None:
+        self.add_json([r.to_json() for r in records])
+
+    def add_json(self, lines: Sequence[str]) -> list[str]:
+        """XADD already-serialized records in one MULTI/EXEC (all or none); returns ids."""
+        if not lines:
+            return []
+        pipe = self.client.pipeline(transaction=True)
+        for line in lines:
+            pipe.xadd(
+                self.stream_key,
+                {"record": line},
+                maxlen=self.max_records,
+                approximate=True,
+            )
+        return [_text(i) for i in pipe.execute()]
+
+    def set_rewards(self, rewards: Mapping[str, float]) -> None:
+        """Store rewards by record_id (NaN refused; ids trimmed from the stream are harmless)."""
+        for record_id, reward in rewards.items():
+            if math.isnan(reward):
+                raise ValueError(f"reward for record {record_id!r} is NaN")
+        if rewards:
+            self.client.hset(self.rewards_key, mapping={k: float(v) for k, v in rewards.items()})
+
+    # -- reading ---------------------------------------------------------------------------
+    def get_rewards(self, record_ids: Sequence[str]) -> dict[str, float]:
+        """Rewards of the given records that have one."""
+        if not record_ids:
+            return {}
+        values = self.client.hmget(self.rewards_key, list(record_ids))
+        return {rid: float(v) for rid, v in zip(record_ids, values, strict=True) if v is not None}
+
+    def read_since(self, stream_id: str = START, count: int = 100) -> list[tuple[str, PoolRecord]]:
+        """Up to ``count`` (stream id, record) pairs after ``stream_id``, oldest first,
+        with their rewards filled in."""
+        entries = self.client.xrange(self.stream_key, min=f"({stream_id}", count=count)
+        return self._decode(entries)
+
+    def newest_scored(self, count: int) -> list[tuple[str, PoolRecord]]:
+        """The newest ``count`` records that have a reward, oldest first."""
+        found: list[tuple[str, PoolRecord]] = []
+        upper = "+"
+        while len(found) < count:
+            entries = self.client.xrevrange(self.stream_key, max=upper, count=_CHUNK)
+            if not entries:
+                break
+            found += [(i, r) for i, r in self._decode(entries) if r.reward is not None]
+            upper = f"({_text(entries[-1][0])}"
+        return list(reversed(found[:count]))
+
+    def newest(self, count: int) -> list[tuple[str, PoolRecord]]:
+        """The newest ``count`` records, scored or not, oldest first (for statistics)."""
+        entries = self.client.xrevrange(self.stream_key, count=count)
+        return list(reversed(self._decode(entries or [])))
+
+    def count_after(self, stream_id: str, limit: int = 100_000) -> int:
+        """How many entries follow ``stream_id`` (e.g. a consumer's backlog), up to ``limit``."""
+        counted, cursor = 0, stream_id
+        while counted < limit:
+            entries = self.client.xrange(self.stream_key, min=f"({cursor}", count=_CHUNK)
+            if not entries:
+                break
+            counted += len(entries)
+            cursor = _text(entries[-1][0])
+        return min(counted, limit)
+
+    def records(self) -> list[PoolRecord]:
+        """Every record in the pool, oldest first (reads the whole stream: tests, small pools)."""
+        out: list[PoolRecord] = []
+        cursor = START
+        while batch := self.read_since(cursor, _CHUNK):
+            out += [r for _, r in batch]
+            cursor = batch[-1][0]
+        return out
+
+    def __len__(self) -> int:
+        return int(self.client.xlen(self.stream_key))
+
+    def _decode(self, entries: Any) -> list[tuple[str, PoolRecord]]:
+        pairs = [
+            (_text(entry_id), PoolRecord.from_json(_field(fields, "record")))
+            for entry_id, fields in entries
+        ]
+        rewards = self.get_rewards([r.record_id for _, r in pairs])
+        for _, record in pairs:
+            if record.record_id in rewards:
+                record.reward = rewards[record.record_id]
+        return pairs
+
+    # -- consumer cursors and stats ----------------------------------------------------------
+    def get_cursor(self, name: str) -> str:
+        value = self.client.hget(self.cursors_key, name)
+        return START if value is None else _text(value)
+
+    def set_cursor(self, name: str, value: str) -> None:
+        self.client.hset(self.cursors_key, name, value)
+
+    def stats(self) -> dict[str, Any]:
+        """Length, retention bound, first/last stream ids and how many rewards are stored."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(self.stream_key)
+        pipe.hlen(self.rewards_key)
+        pipe.xrange(self.stream_key, count=1)
+        pipe.xrevrange(self.stream_key, count=1)
+        length, scored, first, last = pipe.execute()
+        return {
+            "records": int(length),
+            "scored": int(scored),
+            "max_records": self.max_records,
+            "first_id": _text(first[0][0]) if first else None,
+            "last_id": _text(last[0][0]) if last else None,
+        }
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())

@@ -1,0 +1,89 @@
+"""End-to-end fixtures: the toy model, a real Redis, and stacks of real processes."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from quark.service_cli import redis_answers
+from tests.e2e.harness import Stack, service_env
+from tests.e2e.toy_model import save_toy_model
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+# Small, fast jobs on the toy model; the tolerance absorbs the noise of a 16-sample eval.
+FAST_JOBS = {
+    "QUARK_REWARD": "keyword:the",
+    "QUARK_UNLEARN_STEPS": "30",
+    "QUARK_UNLEARN_LR": "1e-2",
+    "QUARK_UNLEARN_BATCH_SIZE": "16",
+    "QUARK_UNLEARN_WARMUP_STEPS": "2",
+    "QUARK_UNLEARN_MIN_RECORDS": "20",
+    "QUARK_UNLEARN_RESPONSE_LENGTH": "12",
+    "QUARK_EVAL_PROMPTS": "8",
+    "QUARK_EVAL_SAMPLES": "2",
+    "QUARK_EVAL_FRACTION": "0.2",
+    "QUARK_GATE_REWARD_TOLERANCE": "0.05",
+    "QUARK_GATE_MAX_PERPLEXITY_RISE": "1.0",
+    "QUARK_JOB_LOCK_TTL_S": "6",
+    "QUARK_DEFAULT_MAX_NEW_TOKENS": "12",
+}
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> redis.Redis:
+    if not redis_answers(REDIS_URL):
+        pytest.skip(f"no Redis answers at {REDIS_URL} (.ci/run starts one)")
+    return redis.Redis.from_url(REDIS_URL)
+
+
+@pytest.fixture(scope="session")
+def toy_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache: Path) -> Path:
+    """The toy-language tiny model (see toy_model.py): the base of every e2e stack."""
+    return save_toy_model(tmp_path_factory.mktemp("toy-model") / "toy", tokenizer_cache)
+
+
+def _drop_keys(client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="module")
+def loop_stack(
+    shared_redis: redis.Redis, toy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """Server + worker on the shared Redis under a fresh key prefix."""
+    workdir = tmp_path_factory.mktemp("loop")
+    prefix = f"qs-e2e-{uuid.uuid4().hex[:8]}"
+    env = service_env(toy_model_dir, REDIS_URL, prefix, workdir / "data", **FAST_JOBS)
+    stack = Stack(workdir, env)
+    try:
+        stack.start_worker()
+        stack.start_server()
+        yield stack
+    finally:
+        stack.stop()
+        _drop_keys(shared_redis, prefix)
+
+
+@pytest.fixture
+def on_failure_logs(request: pytest.FixtureRequest) -> Iterator[list[Stack]]:
+    """Stacks registered here print their process logs when the test fails."""
+    stacks: list[Stack] = []
+    yield stacks
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for stack in stacks:
+            print(stack.logs())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"rep_{report.when}", report)

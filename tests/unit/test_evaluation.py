@@ -1,0 +1,115 @@
+"""quark.evaluation: the paper's metrics on hand values and an end-to-end run on the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from quark.evaluation import (
+    diversity_metrics,
+    evaluate,
+    perplexity,
+    sample_many,
+    toxicity_metrics,
+)
+from quark.models import QuarkModel
+from quark.sampling import SamplingParams, generate
+
+PROMPTS = ["The cat sat on the", "Rain falls on the city and"]
+
+
+def test_toxicity_metrics_on_hand_values() -> None:
+    # Per-prompt maxima: 0.7, 0.3, 0.5 -> mean 0.5; two of three reach 0.5.
+    result = toxicity_metrics([[0.1, 0.7], [0.2, 0.3], [0.5, 0.0]])
+    assert result["expected_max_toxicity"] == pytest.approx(0.5)
+    assert result["toxicity_probability"] == pytest.approx(2 / 3)
+    assert toxicity_metrics([[0.49]])["toxicity_probability"] == 0.0
+    assert toxicity_metrics([[0.9, 0.1]], threshold=0.95)["toxicity_probability"] == 0.0
+
+
+def test_diversity_metrics_on_hand_values() -> None:
+    # Prompt 1: unigrams a b c a b d (4/6), bigrams ab bc ab bd (3/4), trigrams abc abd (2/2).
+    # Prompt 2: x x x -> 1/3, 1/2, 1/1.
+    result = diversity_metrics([["a b c", "a b d"], ["x x x"]])
+    assert result["dist-1"] == pytest.approx((4 / 6 + 1 / 3) / 2)
+    assert result["dist-2"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert result["dist-3"] == pytest.approx(1.0)
+
+
+def test_perplexity_of_own_greedy_completions(tiny_qm: QuarkModel) -> None:
+    completions = generate(tiny_qm, PROMPTS, None, SamplingParams(8, greedy=True))
+    texts = [c.text for c in completions]
+    greedy = perplexity(tiny_qm, PROMPTS, texts, batch_size=1)
+    assert math.isfinite(greedy) and greedy > 1.0
+    # Greedy text is far more likely than a fixed unrelated continuation under the same model.
+    other = perplexity(tiny_qm, PROMPTS, [" zebra quantum marmalade"] * 2)
+    assert greedy < other
+    assert perplexity(tiny_qm, PROMPTS, texts, batch_size=2) == pytest.approx(greedy, rel=1e-4)
+
+
+def test_perplexity_of_empty_completions_after_a_one_token_prompt(tiny_qm: QuarkModel) -> None:
+    """Regression: this used to fail in completion_logits (no position left for the label)."""
+    assert perplexity(tiny_qm, ["Hi", "Rain"], ["", ""]) == 1.0  # no tokens: exp(0)
+
+
+def test_sample_many_shape(tiny_qm: QuarkModel) -> None:
+    per_prompt = sample_many(tiny_qm, PROMPTS, 0, 3, SamplingParams(4), seed=0)
+    assert len(per_prompt) == 2 and all(len(texts) == 3 for texts in per_prompt)
+
+
+def test_evaluate_toxicity_on_the_tiny_model(tiny_qm: QuarkModel) -> None:
+    result = evaluate(tiny_qm, tiny_qm, "toxicity", PROMPTS, 0, samples=3, max_new_tokens=5)
+    expected = {
+        "prompts",
+        "samples",
+        "perplexity",
+        "dist-1",
+        "dist-2",
+        "dist-3",
+        "expected_max_toxicity",
+        "toxicity_probability",
+        "examples",
+    }
+    assert expected <= set(result)
+    assert result["prompts"] == 2 and result["samples"] == 3
+    assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1
+    assert 0 <= result["expected_max_toxicity"] <= 1
+    assert 0 <= result["toxicity_probability"] <= 1
+    assert all(0 <= result[f"dist-{n}"] <= 1 for n in (1, 2, 3))
+    assert [e["prompt"] for e in result["examples"]] == PROMPTS
+    assert all(len(e["completion"]) == 3 for e in result["examples"])
+
+
+def test_evaluate_toxicity_uses_the_given_scorer(tiny_qm: QuarkModel) -> None:
+    def scorer(prompts: object, completions: list[str]) -> list[float]:
+        return [0.25] * len(completions)  # non-toxicity reward: toxicity 0.75 everywhere
+
+    result = evaluate(
+        tiny_qm,
+        tiny_qm,
+        "toxicity",
+        PROMPTS,
+        None,
+        samples=2,
+        max_new_tokens=3,
+        toxicity_scorer=scorer,
+    )
+    assert result["expected_max_toxicity"] == pytest.approx(0.75)
+    assert result["toxicity_probability"] == 1.0
+
+
+def test_evaluate_repetition_and_sentiment(tiny_qm: QuarkModel) -> None:
+    result = evaluate(tiny_qm, tiny_qm, "repetition", PROMPTS, 0, max_new_tokens=8)
+    assert {"rep-2", "rep-3", "rep-4", "diversity", "examples"} <= set(result)
+    product = math.prod(1 - result[f"rep-{n}"] for n in (2, 3, 4))
+    assert result["diversity"] == pytest.approx(product)
+    assert all(0 <= result[f"rep-{n}"] <= 1 for n in (2, 3, 4))
+
+    sentiment = evaluate(tiny_qm, tiny_qm, "sentiment", PROMPTS, 4, samples=2, max_new_tokens=4)
+    assert 0 <= sentiment["positive_share"] <= 1
+
+
+def test_evaluate_unknown_task(tiny_qm: QuarkModel) -> None:
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(tiny_qm, tiny_qm, "summaries", PROMPTS[:1], 0, samples=1, max_new_tokens=2)

@@ -1,0 +1,153 @@
+"""What a worker process keeps between tasks: Redis clients, the store, the original model,
+reward functions; plus the lock that keeps unlearn jobs one at a time."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from quark.jobs import JobRegistry
+from quark.models import QuarkModel, load_model
+from quark.online import reward_spec, score_pending
+from quark.redis_pool import RedisPool
+from quark.rewards import RewardFn, build_reward
+from quark.settings import ServiceSettings
+from quark.store import ModelStore, RedisVersionPointer, ensure_initial_version
+
+log = logging.getLogger(__name__)
+
+# Set when the worker starts a warm shutdown: a running job checkpoints and is re-queued.
+SHUTTING_DOWN = threading.Event()
+
+
+@dataclass
+class Runtime:
+    settings: ServiceSettings
+    client: redis.Redis
+    pool: RedisPool
+    store: ModelStore
+    pointer: RedisVersionPointer
+    jobs: JobRegistry
+
+    @property
+    def scoring_spec(self) -> str:
+        return reward_spec(self.settings.task, self.settings.reward)
+
+    def ensure_active(self) -> str:
+        return ensure_initial_version(
+            self.store,
+            self.settings.model,
+            self.settings.num_quantiles,
+            self.pointer.lock("bootstrap", timeout_s=900),
+        )
+
+    def score(self, blocking_s: float = 0.0) -> int | None:
+        """Score pending pool records; None when another scorer holds the lock."""
+        lock = self.client.lock(
+            f"{self.settings.key_prefix}:lock:score", timeout=600, blocking_timeout=blocking_s
+        )
+        if not lock.acquire(blocking=blocking_s > 0):
+            return None
+        try:
+            return score_pending(
+                self.pool, reward_fn(self.scoring_spec), self.settings.score_batch_size
+            )
+        finally:
+            _release(lock)
+
+    @contextmanager
+    def unlearn_lock(self, job_id: str, wait_s: float) -> Iterator[bool]:
+        """Hold the one-job-at-a-time lock, renewed (with the job's heartbeat) by a thread;
+        yields False if it stayed taken for ``wait_s``. A dead worker's lock expires in TTL."""
+        ttl = self.settings.job_lock_ttl_s
+        # thread_local=False: the keeper thread renews the token this thread acquired.
+        lock = self.client.lock(
+            f"{self.settings.key_prefix}:lock:unlearn", timeout=ttl, thread_local=False
+        )
+        if not self._acquire(lock, job_id, wait_s):
+            yield False
+            return
+        stop = threading.Event()
+        keeper = threading.Thread(
+            target=_keep_alive, args=(lock, self.jobs, job_id, ttl, stop), daemon=True
+        )
+        keeper.start()
+        try:
+            yield True
+        finally:
+            stop.set()
+            keeper.join(timeout=5)
+            self.jobs.clear_heartbeat(job_id)
+            _release(lock)
+
+    def _acquire(self, lock: Any, job_id: str, wait_s: float) -> bool:
+        """Try for ``wait_s``, renewing the job's heartbeat meanwhile (waiting is alive)."""
+        ttl = self.settings.job_lock_ttl_s
+        deadline = time.monotonic() + wait_s
+        while True:
+            self.jobs.heartbeat(job_id, ttl)
+            slice_s = min(ttl / 3, max(0.0, deadline - time.monotonic()))
+            if lock.acquire(blocking=slice_s > 0, blocking_timeout=slice_s or None):
+                self.jobs.heartbeat(job_id, ttl)
+                return True
+            if time.monotonic() >= deadline:
+                self.jobs.clear_heartbeat(job_id)
+                return False
+
+    def unlearn_locked(self) -> bool:
+        return bool(self.client.exists(f"{self.settings.key_prefix}:lock:unlearn"))
+
+
+def _keep_alive(
+    lock: Any, jobs: JobRegistry, job_id: str, ttl: float, stop: threading.Event
+) -> None:
+    while not stop.wait(ttl / 3):
+        try:
+            lock.reacquire()
+            jobs.heartbeat(job_id, ttl)
+        except redis.RedisError as exc:  # Redis restarting: try again next round
+            log.warning("could not renew the unlearn lock: %s", exc)
+
+
+def _release(lock: Any) -> None:
+    try:
+        lock.release()
+    except redis.RedisError as exc:  # expired meanwhile (Redis restart): nothing to free
+        log.warning("lock already gone: %s", exc)
+
+
+@functools.cache
+def runtime() -> Runtime:
+    settings = ServiceSettings()
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
+    pointer = RedisVersionPointer(client, settings.key_prefix)
+    return Runtime(
+        settings=settings,
+        client=client,
+        pool=RedisPool(client, settings.key_prefix, settings.pool_max_records),
+        store=ModelStore(settings.store_dir, pointer),
+        pointer=pointer,
+        jobs=JobRegistry(client, settings.key_prefix),
+    )
+
+
+@functools.cache
+def reward_fn(spec: str) -> RewardFn:
+    return build_reward(spec)
+
+
+@functools.cache
+def original_model(source: str, device: str) -> QuarkModel:
+    """The frozen original model, loaded once per worker process (the KL reference)."""
+    qm = load_model(source, device=device)
+    qm.model.requires_grad_(False)
+    qm.model.eval()
+    return qm
