@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 import httpx
 
 from quark.service_cli import free_port
+from quark.testing import isolated_env
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 600
@@ -20,10 +20,7 @@ READY_TIMEOUT_S = 600
 def launch_server(settings: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """uvicorn on a free port with only these QUARK_* settings (plus the model cache dir)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUARK_")}
-    if os.environ.get("QUARK_CACHE_DIR"):
-        env["QUARK_CACHE_DIR"] = os.environ["QUARK_CACHE_DIR"]
-    env |= {"QUARK_LOG_LEVEL": "warning", "QUARK_ADMIN_TOKEN": uuid.uuid4().hex, **settings}
+    env = isolated_env(QUARK_LOG_LEVEL="warning", QUARK_ADMIN_TOKEN=uuid.uuid4().hex, **settings)
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
                "--port", str(port), "--log-level", "warning"]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, env=env)

@@ -5,7 +5,8 @@ Keys (``prefix`` is the service's ``QUARK_KEY_PREFIX``):
 * ``{prefix}:pool``    Stream; each entry has one field ``record`` = ``PoolRecord.to_json()``.
   XADD trims it with an approximate MAXLEN (the retention bound), oldest first.
 * ``{prefix}:rewards`` hash record_id -> reward (scores arrive after the record, from the
-  workers, so they live beside the immutable stream entry rather than in it).
+  workers, so they live beside the immutable stream entry rather than in it). Rewards of
+  trimmed records are pruned once the hash holds twice the retention bound.
 * ``{prefix}:cursors`` hash name -> last stream id a consumer has processed.
 
 Implements the :class:`quark.pool.Pool` protocol and what the online loop needs
@@ -79,12 +80,27 @@ class RedisPool:
         return [_text(i) for i in pipe.execute()]
 
     def set_rewards(self, rewards: Mapping[str, float]) -> None:
-        """Store rewards by record_id (NaN refused; ids trimmed from the stream are harmless)."""
+        """Store rewards by record_id (NaN refused; ids already trimmed from the stream are pruned)."""
         for record_id, reward in rewards.items():
             if math.isnan(reward):
                 raise ValueError(f"reward for record {record_id!r} is NaN")
         if rewards:
             self.client.hset(self.rewards_key, mapping={k: float(v) for k, v in rewards.items()})
+            # Amortised: a full prune runs once per ~max_records new rewards.
+            if self.max_records and self.client.hlen(self.rewards_key) > 2 * self.max_records:
+                self.prune_rewards()
+
+    def prune_rewards(self) -> int:
+        """Drop the rewards of records trimmed from the stream; returns how many went.
+
+        The reward ids are read before the stream: a record scored in between is not in the
+        snapshot, so it cannot be mistaken for a trimmed one (the stream only loses its oldest).
+        """
+        reward_ids = {_text(k) for k in self.client.hkeys(self.rewards_key)}
+        stale = reward_ids - {r.record_id for r in self.records()}
+        for start in range(0, len(stale), _CHUNK):
+            self.client.hdel(self.rewards_key, *list(stale)[start : start + _CHUNK])
+        return len(stale)
 
     # -- reading ---------------------------------------------------------------------------
     def get_rewards(self, record_ids: Sequence[str]) -> dict[str, float]:

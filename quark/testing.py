@@ -1,8 +1,10 @@
-"""A tiny randomly initialised model with the real SmolLM2 tokenizer, for fast tests and demos."""
+"""Support for tests, demos and benchmarks: a tiny model with the real SmolLM2 tokenizer,
+and a clean environment for the service processes they start."""
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -65,3 +67,14 @@ def save_tiny_model(directory: Path, cache_root: Path, **kwargs: int | None) -> 
     qm = build_tiny_model(cache_root, **kwargs)  # type: ignore[arg-type]
     qm.metadata["base_model"] = str(directory)  # the tiny model is its own original
     return save_model(qm, directory)
+
+
+def isolated_env(**settings: str) -> dict[str, str]:
+    """This process's environment without the developer's own QUARK_* settings, plus ``settings``.
+
+    QUARK_CACHE_DIR is kept: the converted default model is shared, not rebuilt per run.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QUARK_")}
+    if os.environ.get("QUARK_CACHE_DIR"):
+        env["QUARK_CACHE_DIR"] = os.environ["QUARK_CACHE_DIR"]
+    return env | settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import Any, NoReturn
 
@@ -150,6 +151,7 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
     rt.ensure_active()
     deps = _deps(rt, reward_spec(params.task, params.reward))
     deadline = time.monotonic() + rt.settings.job_soft_time_limit_s
+    checkpoint_dir = rt.settings.data_dir / "checkpoints" / job_id
     try:
         return run_unlearn(
             deps,
@@ -158,14 +160,20 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
             progress=progress,
             should_stop=cancelled,
             should_suspend=lambda: SHUTTING_DOWN.is_set() or time.monotonic() > deadline,
-            checkpoint_dir=rt.settings.data_dir / "checkpoints" / job_id,
+            checkpoint_dir=checkpoint_dir,
         )
+    except (JobSuspended, SoftTimeLimitExceeded) as exc:
+        if task.request.retries < task.max_retries:
+            # A checkpoint was saved: the retry (same job id) resumes from it.
+            log.warning("job %s suspended (%s); re-queued to resume", job_id, exc)
+            raise task.retry(exc=exc, countdown=5) from exc
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # out of retries: nothing resumes it
+        raise
     except JobCancelled as exc:
         _cancelled(task, str(exc), state)
-    except (JobSuspended, SoftTimeLimitExceeded) as exc:
-        # A checkpoint was saved: the retry (same job id) resumes from it.
-        log.warning("job %s suspended (%s); re-queued to resume", job_id, exc)
-        raise task.retry(exc=exc, countdown=5) from exc
+    except Exception:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a failed job id never runs again
+        raise
 
 
 def _deps(rt: Runtime, spec: str) -> UnlearnDeps:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,15 +21,12 @@ from typing import Any
 import httpx
 import redis
 
+from quark.service_cli import free_port
+from quark.testing import isolated_env
+
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "e2e-admin-token"
 APP_FACTORY = "app.main:create_app"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -207,10 +203,7 @@ def service_env(
     model: Path, redis_url: str, prefix: str, data_dir: Path, **overrides: str
 ) -> dict[str, str]:
     """QUARK_* for every process of a stack (the developer's own QUARK_* never leak in)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUARK_")}
-    if os.environ.get("QUARK_CACHE_DIR"):
-        env["QUARK_CACHE_DIR"] = os.environ["QUARK_CACHE_DIR"]
-    env.update(
+    return isolated_env(
         QUARK_MODEL=str(model),
         QUARK_REDIS_URL=redis_url,
         QUARK_KEY_PREFIX=prefix,
@@ -223,9 +216,8 @@ def service_env(
         QUARK_LOG_LEVEL="info",
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS="1",
+        **overrides,
     )
-    env.update(overrides)
-    return env
 
 
 class TrafficClient:

@@ -7,10 +7,8 @@ prefix so concurrent runs never see each other's records.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,23 +21,13 @@ import httpx
 import pytest
 import redis
 
+from quark.service_cli import free_port, redis_answers
+from quark.testing import isolated_env
+
 REDIS_URL = "redis://127.0.0.1:6379/0"
 API_KEY = "test-key"
 ADMIN_TOKEN = "admin-secret"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def redis_answers(url: str = REDIS_URL) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
 
 
 @dataclass
@@ -85,11 +73,7 @@ def start_server(
 ) -> Server:
     """Start ``uvicorn app.main:create_app --factory`` and wait until /readyz says ready."""
     port = free_port()
-    # The developer's QUARK_* variables must not leak in, except the converted-model cache.
-    base = {
-        k: v for k, v in os.environ.items() if not k.startswith("QUARK_") or k == "QUARK_CACHE_DIR"
-    }
-    base.update(
+    base = isolated_env(
         QUARK_MODEL=str(model),
         QUARK_REDIS_URL=REDIS_URL,
         QUARK_KEY_PREFIX=prefix,
@@ -100,8 +84,8 @@ def start_server(
         QUARK_LOG_LEVEL="info",
         # These tests pin one model; following the model store (hot swap) is tested apart.
         QUARK_WATCH_VERSIONS="0",
+        **env,
     )
-    base.update(env)
     log_path = workdir / f"server-{port}.log"
     command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
     command += ["--host", "127.0.0.1", "--port", str(port)]
@@ -126,7 +110,7 @@ def start_server(
 
 @pytest.fixture(scope="session")
 def redis_client() -> redis.Redis:
-    if not redis_answers():
+    if not redis_answers(REDIS_URL):
         pytest.skip(f"no Redis answers at {REDIS_URL} (.ci/run starts one)")
     return redis.Redis.from_url(REDIS_URL)
 

@@ -14,8 +14,9 @@ import pytest
 import redis
 
 from quark.redis_pool import RedisPool
+from quark.service_cli import free_port
 
-from .conftest import ADMIN_TOKEN, Server, free_port, start_server
+from .conftest import ADMIN_TOKEN, Server, start_server
 
 
 def _pool(client: redis.Redis, prefix: str) -> RedisPool:

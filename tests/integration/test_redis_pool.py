@@ -67,3 +67,21 @@ def test_retention_bound_trims_oldest(redis_client: redis.Redis) -> None:
         assert pool.records()[-1].prompt == "p999"
     finally:
         redis_client.delete(pool.stream_key)
+
+
+def test_rewards_of_trimmed_records_are_pruned(redis_client: redis.Redis) -> None:
+    prefix = f"qs-pool-{uuid.uuid4().hex[:8]}"
+    pool = RedisPool(redis_client, prefix, max_records=50)
+    try:
+        for start in range(0, 1000, 100):
+            batch = _records(100, start)
+            pool.add(batch)
+            pool.set_rewards({r.record_id: 1.0 for r in batch})
+        live = {r.record_id for r in pool.records()}
+        stored = {k.decode() for k in redis_client.hkeys(pool.rewards_key)}
+        # Bounded by twice the retention bound, and every live record keeps its reward.
+        assert live <= stored and len(stored) <= 2 * 50 + 100
+        assert pool.prune_rewards() == len(stored - live)
+        assert {k.decode() for k in redis_client.hkeys(pool.rewards_key)} == live
+    finally:
+        redis_client.delete(pool.stream_key, pool.rewards_key)
