@@ -48,9 +48,14 @@ def promotion_gate(
     *,
     reward_tolerance: float = 0.0,
     max_perplexity_rise: float = 0.25,
+    max_kl: float | None = None,
 ) -> GateDecision:
     """Promote ``candidate`` only if its reward is not worse than the active version's (within
-    ``reward_tolerance``) and its perplexity rose by at most ``max_perplexity_rise`` (relative).
+    ``reward_tolerance``), its perplexity rose by at most ``max_perplexity_rise`` (relative),
+    and, when ``max_kl`` is given, its mean per-token KL to the original model is at most that.
+
+    The first two compare with the active version, so small steps can add up over many
+    versions; the KL bound is absolute (against the original), so it caps the total drift.
 
     Both are measured on the same held-out prompts with the same seed, so the comparison is
     paired; non-finite numbers always fail (a diverged model must never be served).
@@ -72,6 +77,8 @@ def promotion_gate(
             f"perplexity {candidate.perplexity:.2f} exceeds the active version's "
             f"{active.perplexity:.2f} x (1 + {max_perplexity_rise:g})"
         )
+    if max_kl is not None and not candidate.kl <= max_kl:  # NaN fails too
+        reasons.append(f"KL to the original {candidate.kl:.4f} exceeds the bound {max_kl:g}")
     return GateDecision(not reasons, tuple(reasons))
 
 

@@ -141,6 +141,7 @@ class UnlearnParams:
     eval_samples: int = 2
     reward_tolerance: float = 0.0
     max_perplexity_rise: float = 0.25
+    max_kl: float | None = None
     retention: int = 5
     seed: int = 0
 
@@ -196,6 +197,7 @@ PARAM_SETTINGS = {
     "eval_samples": "eval_samples",
     "reward_tolerance": "gate_reward_tolerance",
     "max_perplexity_rise": "gate_max_perplexity_rise",
+    "max_kl": "gate_max_kl",
     "retention": "store_retention",
 }
 

@@ -80,7 +80,7 @@ class RedisPool:
         return [_text(i) for i in pipe.execute()]
 
     def set_rewards(self, rewards: Mapping[str, float]) -> None:
-        """Store rewards by record_id (NaN refused; ids already trimmed from the stream are pruned)."""
+        """Store rewards by record_id (NaN refused); prune those of trimmed records now and then."""
         for record_id, reward in rewards.items():
             if math.isnan(reward):
                 raise ValueError(f"reward for record {record_id!r} is NaN")

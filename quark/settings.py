@@ -135,6 +135,12 @@ class ServiceSettings(BaseSettings):
     gate_max_perplexity_rise: float = Field(
         0.25, ge=0, description="promote if perplexity <= active version's x (1 + this)"
     )
+    gate_max_kl: float | None = Field(
+        None,
+        gt=0,
+        description="if set, promote only if mean per-token KL to the original <= this "
+        "(caps drift summed over versions)",
+    )
     job_soft_time_limit_s: int = Field(
         3600, ge=10, description="a job then checkpoints and is retried (resumes)"
     )

@@ -174,6 +174,7 @@ class UnlearnJob:
             baseline,
             reward_tolerance=self.params.reward_tolerance,
             max_perplexity_rise=self.params.max_perplexity_rise,
+            max_kl=self.params.max_kl,
         )
         result = {
             "job_id": self.job_id,

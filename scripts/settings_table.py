@@ -18,6 +18,8 @@ def _default(name: str) -> str:
             return "`<cache_dir>/data`"
         return "(empty)"
     value = field.default
+    if value is None:
+        return "(unset)"
     if value == "" or value == []:
         return "(empty)"
     return f"`{value}`"

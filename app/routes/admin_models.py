@@ -108,6 +108,7 @@ class UnlearnRequest(BaseModel):
     eval_samples: int | None = Field(None, ge=1)
     reward_tolerance: float | None = Field(None, ge=0)
     max_perplexity_rise: float | None = Field(None, ge=0)
+    max_kl: float | None = Field(None, gt=0, description="bound on mean per-token KL to original")
     seed: int | None = None
 
 

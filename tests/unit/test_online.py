@@ -16,6 +16,7 @@ from quark.online import (
     JobSuspended,
     UnlearnDeps,
     UnlearnParams,
+    params_from_settings,
     promotion_gate,
     run_unlearn,
     score_pending,
@@ -24,6 +25,7 @@ from quark.online import (
 )
 from quark.pool import PoolRecord
 from quark.rewards import KeywordShareReward
+from quark.settings import ServiceSettings
 from quark.store import MemoryPointer, ModelStore, ensure_initial_version
 
 
@@ -164,6 +166,26 @@ def test_promotion_gate(
     assert isinstance(decision, GateDecision)
     assert decision.passed is passed
     assert bool(decision.reasons) is not passed
+
+
+@pytest.mark.parametrize(
+    ("kl", "max_kl", "passed"),
+    [(0.1, None, True), (0.1, 0.1, True), (0.11, 0.1, False), (math.nan, 0.1, False)],
+)
+def test_promotion_gate_bounds_kl_to_the_original(
+    kl: float, max_kl: float | None, passed: bool
+) -> None:
+    candidate = EvalResult(reward=0.5, perplexity=10.0, kl=kl, prompts=4, samples=2)
+    decision = promotion_gate(candidate, _eval(0.4, 10.0), max_kl=max_kl)
+    assert decision.passed is passed
+    assert any("KL" in reason for reason in decision.reasons) is not passed
+
+
+def test_gate_kl_bound_comes_from_settings_and_overrides() -> None:
+    settings = ServiceSettings(gate_max_kl=0.5)
+    assert params_from_settings(settings, {}).max_kl == 0.5
+    assert params_from_settings(settings, {"max_kl": 0.2}).max_kl == 0.2
+    assert params_from_settings(ServiceSettings(), {}).max_kl is None
 
 
 def test_held_out_split_is_stable_and_about_the_fraction() -> None:
