@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import httpx
 
-from quark.service_cli import free_port
+from quark.service_cli import api_argv, free_port
 from quark.testing import isolated_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,8 +20,7 @@ def launch_server(settings: dict[str, str]) -> tuple[subprocess.Popen[bytes], st
     """uvicorn on a free port with only these QUARK_* settings (plus the model cache dir)."""
     port = free_port()
     env = isolated_env(QUARK_LOG_LEVEL="warning", QUARK_ADMIN_TOKEN=uuid.uuid4().hex, **settings)
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-               "--port", str(port), "--log-level", "warning"]  # fmt: skip
+    command = [*api_argv("127.0.0.1", port), "--log-level", "warning"]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + READY_TIMEOUT_S

@@ -185,49 +185,30 @@ def cmd_up(args: argparse.Namespace) -> int:
         supervisor.stop_all()
 
 
+def api_argv(host: str, port: int) -> list[str]:
+    """The API server's command line (also what the tests and benchmarks start)."""
+    return [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
+            "--host", host, "--port", str(port), "--timeout-graceful-shutdown", "30"]  # fmt: skip
+
+
+def worker_argv(node_name: str, *extra: str) -> list[str]:
+    """A Celery worker for both queues, one job at a time (solo pool: one model in memory)."""
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+            "--pool", "solo", "-Q", "scoring,training", "-n", node_name,
+            "--loglevel", "INFO", *extra]  # fmt: skip
+
+
+def beat_argv(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "beat",
+            "--loglevel", "INFO", *extra]  # fmt: skip
+
+
 def _start_service(supervisor: Supervisor, host: str, port: int, args: argparse.Namespace) -> None:
-    python = sys.executable
-    supervisor.start(
-        "api",
-        [
-            python,
-            "-m",
-            "uvicorn",
-            "app.main:create_app",
-            "--factory",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--timeout-graceful-shutdown",
-            "30",
-        ],
-    )
+    supervisor.start("api", api_argv(host, port))
     if not args.no_worker:
-        supervisor.start(
-            "worker",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                "scoring,training",
-                "-n",
-                f"quark-{os.getpid()}@%h",
-                "--loglevel",
-                "INFO",
-            ],
-        )
+        supervisor.start("worker", worker_argv(f"quark-{os.getpid()}@%h"))
     if not args.no_beat and not args.no_worker:
-        supervisor.start(
-            "beat",
-            [python, "-m", "celery", "-A", "worker.celery_app", "beat", "--loglevel", "INFO"],
-        )
+        supervisor.start("beat", beat_argv())
 
 
 def _announce(

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -21,12 +20,11 @@ from typing import Any
 import httpx
 import redis
 
-from quark.service_cli import free_port
+from quark.service_cli import api_argv, beat_argv, free_port, worker_argv
 from quark.testing import isolated_env
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_TOKEN = "e2e-admin-token"
-APP_FACTORY = "app.main:create_app"
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -95,20 +93,7 @@ class Stack:
     def start_server(self, timeout: float = 240) -> Proc:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        proc = self._spawn(
-            "server",
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                APP_FACTORY,
-                "--factory",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-        )
+        proc = self._spawn("server", api_argv("127.0.0.1", port))
 
         def ready() -> bool:
             if not proc.alive():
@@ -122,27 +107,8 @@ class Stack:
         return proc
 
     def start_worker(self, timeout: float = 180) -> Proc:
-        proc = self._spawn(
-            "worker",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--pool",
-                "solo",
-                "-Q",
-                "scoring,training",
-                "--without-mingle",
-                "--without-gossip",
-                "-n",
-                f"e2e-{self.env['QUARK_KEY_PREFIX']}-{len(self.procs)}@%h",
-                "--loglevel",
-                "INFO",
-            ],
-        )
+        node_name = f"e2e-{self.env['QUARK_KEY_PREFIX']}-{len(self.procs)}@%h"
+        proc = self._spawn("worker", worker_argv(node_name, "--without-mingle", "--without-gossip"))
 
         def ready() -> bool:
             if not proc.alive():
@@ -154,21 +120,7 @@ class Stack:
 
     def start_beat(self) -> Proc:
         schedule = self.workdir / "celerybeat-schedule"
-        return self._spawn(
-            "beat",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "beat",
-                "--loglevel",
-                "INFO",
-                "--schedule",
-                str(schedule),
-            ],
-        )
+        return self._spawn("beat", beat_argv("--schedule", str(schedule)))
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} ({p.log_path.name})\n{p.tail()}" for p in self.procs)

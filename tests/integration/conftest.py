@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import httpx
 import pytest
 import redis
 
-from quark.service_cli import free_port, redis_answers
+from quark.service_cli import api_argv, free_port, redis_answers
 from quark.testing import isolated_env
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -87,11 +86,9 @@ def start_server(
         **env,
     )
     log_path = workdir / f"server-{port}.log"
-    command = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            command, cwd=REPO, env=base, stdout=log, stderr=subprocess.STDOUT
+            api_argv("127.0.0.1", port), cwd=REPO, env=base, stdout=log, stderr=subprocess.STDOUT
         )
     server = Server(f"http://127.0.0.1:{port}", process, log_path, prefix)
     deadline = time.monotonic() + timeout
