@@ -1,4 +1,5 @@
-"""Shared fixtures: the SmolLM2 tokenizer (read from the GGUF once per session) and tiny models."""
+"""Shared fixtures: the SmolLM2 tokenizer (read from the GGUF once per session), tiny models,
+and the real Redis (at REDIS_URL; `make test` starts one when none answers)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,25 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 
 from quark.models import QuarkModel
+from quark.service_cli import redis_answers
 from quark.testing import build_tiny_model, save_tiny_model, smollm2_tokenizer
 
 # The test machine has two cores shared with long training runs: with two intra-op threads
 # torch spins against the other processes and tiny-model steps get ~5x slower, not faster.
 torch.set_num_threads(1)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> redis.Redis:
+    if not redis_answers(REDIS_URL):
+        pytest.skip(f"no Redis answers at {REDIS_URL} (.ci/run starts one)")
+    return redis.Redis.from_url(REDIS_URL)
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from quark.service_cli import redis_answers
+from tests.conftest import REDIS_URL
 from tests.e2e.harness import Stack, service_env
 from tests.e2e.toy_model import save_toy_model
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 # Small, fast jobs on the toy model; the tolerance absorbs the noise of a 16-sample eval.
 FAST_JOBS = {
@@ -35,13 +33,6 @@ FAST_JOBS = {
 
 
 @pytest.fixture(scope="session")
-def shared_redis() -> redis.Redis:
-    if not redis_answers(REDIS_URL):
-        pytest.skip(f"no Redis answers at {REDIS_URL} (.ci/run starts one)")
-    return redis.Redis.from_url(REDIS_URL)
-
-
-@pytest.fixture(scope="session")
 def toy_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache: Path) -> Path:
     """The toy-language tiny model (see toy_model.py): the base of every e2e stack."""
     return save_toy_model(tmp_path_factory.mktemp("toy-model") / "toy", tokenizer_cache)
@@ -55,7 +46,7 @@ def _drop_keys(client: redis.Redis, prefix: str) -> None:
 
 @pytest.fixture(scope="module")
 def loop_stack(
-    shared_redis: redis.Redis, toy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    redis_client: redis.Redis, toy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     """Server + worker on the shared Redis under a fresh key prefix."""
     workdir = tmp_path_factory.mktemp("loop")
@@ -68,7 +59,7 @@ def loop_stack(
         yield stack
     finally:
         stack.stop()
-        _drop_keys(shared_redis, prefix)
+        _drop_keys(redis_client, prefix)
 
 
 @pytest.fixture

@@ -161,7 +161,7 @@ def test_cancelled_job_publishes_nothing(loop_stack: Stack) -> None:
 
 
 def test_corrupt_version_is_refused_and_the_current_one_keeps_serving(
-    loop_stack: Stack, shared_redis: Any
+    loop_stack: Stack, redis_client: Any
 ) -> None:
     """A version whose files no longer match their checksums (a bad disk, a partial copy by
     hand) is announced: the server refuses it and keeps serving; /admin refuses it too."""
@@ -177,8 +177,8 @@ def test_corrupt_version_is_refused_and_the_current_one_keeps_serving(
     prefix = loop_stack.env["QUARK_KEY_PREFIX"]
     with TrafficClient(loop_stack.url, LIVE, max_new_tokens=4, log=False) as live:
         time.sleep(0.5)
-        shared_redis.set(f"{prefix}:active_version", "v0002")  # as if a worker activated it
-        shared_redis.publish(f"{prefix}:versions", "v0002")
+        redis_client.set(f"{prefix}:active_version", "v0002")  # as if a worker activated it
+        redis_client.publish(f"{prefix}:versions", "v0002")
         wait_for(lambda: _rejections(loop_stack) >= 1, 30, "the server to refuse v0002")
         time.sleep(1.5)  # a few poll intervals: it must not retry or swap
     assert live.errors == [] and set(live.versions()) == {"v0001"}

@@ -19,7 +19,8 @@ import pytest
 import redis
 
 from quark.service_cli import redis_answers
-from tests.e2e.conftest import FAST_JOBS, REDIS_URL
+from tests.conftest import REDIS_URL
+from tests.e2e.conftest import FAST_JOBS
 from tests.e2e.harness import ADMIN_TOKEN, REPO, free_port, service_env, wait_for
 
 QUARK = str(Path(sys.executable).parent / "quark")
@@ -120,7 +121,7 @@ def _serving(url: str) -> str:
 
 
 def test_quark_up_serves_learns_and_stops_cleanly(
-    shared_redis: redis.Redis, up_env: dict[str, str]
+    redis_client: redis.Redis, up_env: dict[str, str]
 ) -> None:
     up = start_up(up_env)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.e2e.conftest import REDIS_URL
+from tests.conftest import REDIS_URL
 from tests.e2e.harness import REPO, Stack, TrafficClient, service_env, wait_for
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def prompts(count: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def real_stack(
-    shared_redis: redis.Redis, tmp_path_factory: pytest.TempPathFactory
+    redis_client: redis.Redis, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("real")
     prefix = f"qs-e2e-real-{uuid.uuid4().hex[:8]}"
@@ -51,9 +51,9 @@ def real_stack(
         yield stack
     finally:
         stack.stop()
-        keys = list(shared_redis.scan_iter(f"{prefix}:*"))
+        keys = list(redis_client.scan_iter(f"{prefix}:*"))
         if keys:
-            shared_redis.delete(*keys)
+            redis_client.delete(*keys)
 
 
 def test_one_real_model_cycle(real_stack: Stack, on_failure_logs: list[Stack]) -> None:

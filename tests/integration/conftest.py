@@ -20,10 +20,10 @@ import httpx
 import pytest
 import redis
 
-from quark.service_cli import api_argv, free_port, redis_answers
+from quark.service_cli import api_argv, free_port
 from quark.testing import isolated_env
+from tests.conftest import REDIS_URL
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 API_KEY = "test-key"
 ADMIN_TOKEN = "admin-secret"
 REPO = Path(__file__).resolve().parents[2]
@@ -103,13 +103,6 @@ def start_server(
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not ready after {timeout}s:\n{server.log_tail()}")
-
-
-@pytest.fixture(scope="session")
-def redis_client() -> redis.Redis:
-    if not redis_answers(REDIS_URL):
-        pytest.skip(f"no Redis answers at {REDIS_URL} (.ci/run starts one)")
-    return redis.Redis.from_url(REDIS_URL)
 
 
 @pytest.fixture(scope="session")
