@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from transformers.utils import logging as hf_logging
 
 from app.engine import Engine
 from app.errors import install_error_handlers
@@ -87,6 +88,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _check_admin_token(settings)
+    hf_logging.disable_progress_bar()  # every hot swap loads weights: no bars in service logs
     metrics = Metrics()
     app = FastAPI(title="quark-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings

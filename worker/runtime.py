@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+from transformers.utils import logging as hf_logging
 
 from quark.jobs import JobRegistry
 from quark.models import QuarkModel, load_model
@@ -127,6 +128,7 @@ def _release(lock: Any) -> None:
 @functools.cache
 def runtime() -> Runtime:
     settings = ServiceSettings()
+    hf_logging.disable_progress_bar()  # every job loads models: no bars in the worker log
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
     pointer = RedisVersionPointer(client, settings.key_prefix)
     return Runtime(
