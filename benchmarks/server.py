@@ -19,7 +19,9 @@ READY_TIMEOUT_S = 600
 def launch_server(settings: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
     """uvicorn on a free port with only these QUARK_* settings (plus the model cache dir)."""
     port = free_port()
-    env = isolated_env(QUARK_LOG_LEVEL="warning", QUARK_ADMIN_TOKEN=uuid.uuid4().hex, **settings)
+    env = isolated_env(
+        {"QUARK_LOG_LEVEL": "warning", "QUARK_ADMIN_TOKEN": uuid.uuid4().hex}, settings
+    )
     command = [*api_argv("127.0.0.1", port), "--log-level", "warning"]
     process = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"

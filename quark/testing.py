@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -69,12 +70,15 @@ def save_tiny_model(directory: Path, cache_root: Path, **kwargs: int | None) -> 
     return save_model(qm, directory)
 
 
-def isolated_env(**settings: str) -> dict[str, str]:
-    """This process's environment without the developer's own QUARK_* settings, plus ``settings``.
+def isolated_env(*layers: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without the developer's own QUARK_* settings, then each of
+    ``layers`` in turn (a later one overrides an earlier one).
 
     QUARK_CACHE_DIR is kept: the converted default model is shared, not rebuilt per run.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("QUARK_")}
     if os.environ.get("QUARK_CACHE_DIR"):
         env["QUARK_CACHE_DIR"] = os.environ["QUARK_CACHE_DIR"]
-    return env | settings
+    for layer in layers:
+        env.update(layer)
+    return env

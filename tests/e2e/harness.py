@@ -155,21 +155,21 @@ def service_env(
     model: Path, redis_url: str, prefix: str, data_dir: Path, **overrides: str
 ) -> dict[str, str]:
     """QUARK_* for every process of a stack (the developer's own QUARK_* never leak in)."""
-    return isolated_env(
-        QUARK_MODEL=str(model),
-        QUARK_REDIS_URL=redis_url,
-        QUARK_KEY_PREFIX=prefix,
-        QUARK_DATA_DIR=str(data_dir),
-        QUARK_ADMIN_TOKEN=ADMIN_TOKEN,
-        QUARK_DEVICE="cpu",
-        QUARK_TORCH_THREADS="1",
-        QUARK_REDIS_RETRY_S="0.2",
-        QUARK_WATCHER_POLL_S="1",
-        QUARK_LOG_LEVEL="info",
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-        **overrides,
-    )
+    stack_defaults = {
+        "QUARK_MODEL": str(model),
+        "QUARK_REDIS_URL": redis_url,
+        "QUARK_KEY_PREFIX": prefix,
+        "QUARK_DATA_DIR": str(data_dir),
+        "QUARK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "QUARK_DEVICE": "cpu",
+        "QUARK_TORCH_THREADS": "1",
+        "QUARK_REDIS_RETRY_S": "0.2",
+        "QUARK_WATCHER_POLL_S": "1",
+        "QUARK_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    return isolated_env(stack_defaults, overrides)
 
 
 class TrafficClient:

@@ -72,19 +72,19 @@ def start_server(
 ) -> Server:
     """Start ``uvicorn app.main:create_app --factory`` and wait until /readyz says ready."""
     port = free_port()
-    base = isolated_env(
-        QUARK_MODEL=str(model),
-        QUARK_REDIS_URL=REDIS_URL,
-        QUARK_KEY_PREFIX=prefix,
-        QUARK_DATA_DIR=str(workdir / "data"),
-        QUARK_ADMIN_TOKEN=ADMIN_TOKEN,
-        QUARK_REDIS_RETRY_S="0.2",
-        QUARK_TORCH_THREADS="1",
-        QUARK_LOG_LEVEL="info",
+    server_defaults = {
+        "QUARK_MODEL": str(model),
+        "QUARK_REDIS_URL": REDIS_URL,
+        "QUARK_KEY_PREFIX": prefix,
+        "QUARK_DATA_DIR": str(workdir / "data"),
+        "QUARK_ADMIN_TOKEN": ADMIN_TOKEN,
+        "QUARK_REDIS_RETRY_S": "0.2",
+        "QUARK_TORCH_THREADS": "1",
+        "QUARK_LOG_LEVEL": "info",
         # These tests pin one model; following the model store (hot swap) is tested apart.
-        QUARK_WATCH_VERSIONS="0",
-        **env,
-    )
+        "QUARK_WATCH_VERSIONS": "0",
+    }
+    base = isolated_env(server_defaults, env)
     log_path = workdir / f"server-{port}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
