@@ -80,8 +80,10 @@ def start_stack(args: argparse.Namespace) -> Stack:
         QUARK_UNLEARN_MIN_RECORDS=str(args.min_records),
         QUARK_EVAL_PROMPTS="24", QUARK_EVAL_SAMPLES="2",
         QUARK_GATE_REWARD_TOLERANCE="0.01", QUARK_DEFAULT_MAX_NEW_TOKENS="20",
-        QUARK_TORCH_THREADS="2", QUARK_WATCHER_POLL_S="5", QUARK_LOG_LEVEL="warning",
+        QUARK_TORCH_THREADS="1", QUARK_WATCHER_POLL_S="5", QUARK_LOG_LEVEL="warning",
     )  # fmt: skip
+    # One torch thread each for the API and the worker (service_env sets OMP_NUM_THREADS=1):
+    # on 2 cores, 2 + 2 threads spin against each other and serving slowed ~30x while training.
     env["QUARK_MODEL"] = args.model
     args.out.mkdir(parents=True, exist_ok=True)
     stack = Stack(args.out, env)
