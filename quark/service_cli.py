@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -154,6 +155,18 @@ def _embedded_redis(supervisor: Supervisor, data_dir: Path) -> str:
     raise RuntimeError(f"embedded redis did not answer on {url}; see the [redis] log lines")
 
 
+def thread_split(env: Mapping[str, str], cores: int) -> dict[str, str]:
+    """Torch threads for an API and a worker sharing ``cores`` (unless either is configured).
+
+    Two processes that each run a team over every core spin against each other: on 2 cores
+    the API served ~30x fewer requests while a worker trained (benchmarks/continuous_loop.py).
+    """
+    if env.get("QUARK_TORCH_THREADS") or env.get("QUARK_WORKER_TORCH_THREADS"):
+        return {}
+    api = max(1, cores // 2)
+    return {"QUARK_TORCH_THREADS": str(api), "QUARK_WORKER_TORCH_THREADS": str(max(1, cores - api))}
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from quark.models import resolve_source
     from quark.settings import ServiceSettings
@@ -178,6 +191,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             QUARK_HOST=host,
             QUARK_PORT=str(port),
         )
+        if not args.no_worker and (split := thread_split(supervisor.env, os.cpu_count() or 1)):
+            supervisor.env.update(split)
+            print(f"torch threads: {split} (set either variable to choose)", flush=True)
         _start_service(supervisor, host, port, args)
         _announce(host, port, redis_url, token, generated, settings.data_dir)
         return _watch(supervisor)

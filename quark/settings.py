@@ -102,6 +102,12 @@ class ServiceSettings(BaseSettings):
     )
 
     # -- workers: scoring and unlearn jobs -------------------------------------------------
+    worker_torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch threads of a worker (0 = torch's default, every core; `quark up` "
+        "splits the cores between API and worker)",
+    )
     score_batch_size: int = Field(64, ge=1, description="pool records scored per reward call")
     unlearn_steps: int = Field(100, ge=1, description="training steps per unlearn job")
     unlearn_batch_size: int = Field(8, ge=1, description="quantized samples per training step")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
+import torch
 from transformers.utils import logging as hf_logging
 
 from quark.jobs import JobRegistry
@@ -129,6 +130,8 @@ def _release(lock: Any) -> None:
 def runtime() -> Runtime:
     settings = ServiceSettings()
     hf_logging.disable_progress_bar()  # every job loads models: no bars in the worker log
+    if settings.worker_torch_threads:
+        torch.set_num_threads(settings.worker_torch_threads)
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
     pointer = RedisVersionPointer(client, settings.key_prefix)
     return Runtime(
