@@ -70,7 +70,7 @@ class UnlearnJob:
         qm, trainer, baseline = self._prepare(parent, window, resume)
         self._train(trainer, parent, window, baseline)
         outcome = self._judge(qm, trainer, parent, window, baseline)
-        _drop_checkpoint(self.checkpoint_dir)
+        drop_checkpoint(self.checkpoint_dir)
         outcome["seconds"] = time.time() - started
         return outcome
 
@@ -135,7 +135,7 @@ class UnlearnJob:
                     raise JobSuspended(f"suspended at step {trainer.step}")
                 self._step(trainer)
         except JobCancelled:
-            _drop_checkpoint(self.checkpoint_dir)
+            drop_checkpoint(self.checkpoint_dir)
             raise
         except Exception:
             if self.checkpoint_dir is not None and trainer.step > 0:
@@ -251,7 +251,7 @@ def _read_resume(directory: Path | None, parent: str) -> dict[str, Any] | None:
     state = dict(json.loads((directory / RESUME_FILE).read_text()))
     if state.get("parent") != parent:
         log.info("dropping checkpoint of %s: the active version is now %s", state["parent"], parent)
-        _drop_checkpoint(directory)
+        drop_checkpoint(directory)
         return None
     return state
 
@@ -261,6 +261,7 @@ def _resume_window(state: dict[str, Any]) -> Window:
     return Window([], list(state["eval_prompts"]), dict(state["window"]))
 
 
-def _drop_checkpoint(directory: Path | None) -> None:
+def drop_checkpoint(directory: Path | None) -> None:
+    """Delete a job's checkpoint (nothing will resume it)."""
     if directory is not None and directory.exists():
         shutil.rmtree(directory, ignore_errors=True)

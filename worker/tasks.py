@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from typing import Any, NoReturn
 
@@ -21,6 +20,7 @@ from quark.online import (
     run_unlearn,
     trigger_reason,
 )
+from quark.unlearn import drop_checkpoint
 from worker.celery_app import SCORE_TASK, TICK_TASK, TRAINING_QUEUE, UNLEARN_TASK, app
 from worker.runtime import SHUTTING_DOWN, Runtime, original_model, reward_fn, runtime
 
@@ -162,17 +162,15 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
             should_suspend=lambda: SHUTTING_DOWN.is_set() or time.monotonic() > deadline,
             checkpoint_dir=checkpoint_dir,
         )
-    except (JobSuspended, SoftTimeLimitExceeded) as exc:
-        if task.request.retries < task.max_retries:
+    except JobCancelled as exc:
+        _cancelled(task, str(exc), state)
+    except Exception as exc:
+        suspended = isinstance(exc, (JobSuspended, SoftTimeLimitExceeded))
+        if suspended and task.request.retries < task.max_retries:
             # A checkpoint was saved: the retry (same job id) resumes from it.
             log.warning("job %s suspended (%s); re-queued to resume", job_id, exc)
             raise task.retry(exc=exc, countdown=5) from exc
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # out of retries: nothing resumes it
-        raise
-    except JobCancelled as exc:
-        _cancelled(task, str(exc), state)
-    except Exception:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # a failed job id never runs again
+        drop_checkpoint(checkpoint_dir)  # failed or out of retries: this job id never runs again
         raise
 
 
