@@ -16,7 +16,7 @@ Implements the :class:`quark.pool.Pool` protocol and what the online loop needs
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -37,6 +37,14 @@ def _field(fields: Mapping[Any, Any], name: str) -> str:
     if value is None:
         raise ValueError(f"pool stream entry without a {name!r} field: {fields!r}")
     return _text(value)
+
+
+def _parse(entries: Any) -> list[tuple[str, PoolRecord]]:
+    """(stream id, record) pairs of XRANGE entries, rewards not yet attached."""
+    return [
+        (_text(entry_id), PoolRecord.from_json(_field(fields, "record")))
+        for entry_id, fields in entries
+    ]
 
 
 class RedisPool:
@@ -84,11 +92,15 @@ class RedisPool:
         for record_id, reward in rewards.items():
             if math.isnan(reward):
                 raise ValueError(f"reward for record {record_id!r} is NaN")
-        if rewards:
-            self.client.hset(self.rewards_key, mapping={k: float(v) for k, v in rewards.items()})
-            # Amortised: a full prune runs once per ~max_records new rewards.
-            if self.max_records and self.client.hlen(self.rewards_key) > 2 * self.max_records:
-                self.prune_rewards()
+        if not rewards:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.rewards_key, mapping={k: float(v) for k, v in rewards.items()})
+        pipe.hlen(self.rewards_key)
+        stored = pipe.execute()[1]
+        # Amortised: a full prune runs once per ~max_records new rewards.
+        if self.max_records and stored > 2 * self.max_records:
+            self.prune_rewards()
 
     def prune_rewards(self) -> int:
         """Drop the rewards of records trimmed from the stream; returns how many went.
@@ -97,7 +109,8 @@ class RedisPool:
         snapshot, so it cannot be mistaken for a trimmed one (the stream only loses its oldest).
         """
         reward_ids = {_text(k) for k in self.client.hkeys(self.rewards_key)}
-        stale = reward_ids - {r.record_id for r in self.records()}
+        live = {record.record_id for chunk in self._chunks() for _, record in _parse(chunk)}
+        stale = reward_ids - live
         for start in range(0, len(stale), _CHUNK):
             self.client.hdel(self.rewards_key, *list(stale)[start : start + _CHUNK])
         return len(stale)
@@ -135,32 +148,29 @@ class RedisPool:
 
     def count_after(self, stream_id: str, limit: int = 100_000) -> int:
         """How many entries follow ``stream_id`` (e.g. a consumer's backlog), up to ``limit``."""
-        counted, cursor = 0, stream_id
-        while counted < limit:
-            entries = self.client.xrange(self.stream_key, min=f"({cursor}", count=_CHUNK)
-            if not entries:
+        counted = 0
+        for chunk in self._chunks(after=stream_id):
+            counted += len(chunk)
+            if counted >= limit:
                 break
-            counted += len(entries)
-            cursor = _text(entries[-1][0])
         return min(counted, limit)
 
     def records(self) -> list[PoolRecord]:
         """Every record in the pool, oldest first (reads the whole stream: tests, small pools)."""
-        out: list[PoolRecord] = []
-        cursor = START
-        while batch := self.read_since(cursor, _CHUNK):
-            out += [r for _, r in batch]
-            cursor = batch[-1][0]
-        return out
+        return [record for chunk in self._chunks() for _, record in self._decode(chunk)]
+
+    def _chunks(self, after: str = START) -> Iterator[Any]:
+        """Raw XRANGE entries after ``after``, oldest first, ``_CHUNK`` at a time."""
+        while entries := self.client.xrange(self.stream_key, min=f"({after}", count=_CHUNK):
+            yield entries
+            after = _text(entries[-1][0])
 
     def __len__(self) -> int:
         return int(self.client.xlen(self.stream_key))
 
     def _decode(self, entries: Any) -> list[tuple[str, PoolRecord]]:
-        pairs = [
-            (_text(entry_id), PoolRecord.from_json(_field(fields, "record")))
-            for entry_id, fields in entries
-        ]
+        """Parsed entries with their rewards filled in."""
+        pairs = _parse(entries)
         rewards = self.get_rewards([r.record_id for _, r in pairs])
         for _, record in pairs:
             if record.record_id in rewards:

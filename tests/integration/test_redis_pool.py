@@ -85,3 +85,12 @@ def test_rewards_of_trimmed_records_are_pruned(redis_client: redis.Redis) -> Non
         assert {k.decode() for k in redis_client.hkeys(pool.rewards_key)} == live
     finally:
         redis_client.delete(pool.stream_key, pool.rewards_key)
+
+
+def test_count_after_counts_the_backlog_across_chunks_up_to_the_limit(pool: RedisPool) -> None:
+    pool.add(_records(1200))  # more than two XRANGE chunks
+    cursor = pool.read_since(START, 100)[-1][0]
+    assert pool.count_after(START) == 1200
+    assert pool.count_after(cursor) == 1100
+    assert pool.count_after(cursor, limit=700) == 700
+    assert len(pool.records()) == 1200
