@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL
-from tests.e2e.harness import Stack, service_env
+from tests.e2e.harness import Stack, drop_keys, service_env
 from tests.e2e.toy_model import save_toy_model
 
 # Small, fast jobs on the toy model; the tolerance absorbs the noise of a 16-sample eval.
@@ -38,12 +38,6 @@ def toy_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_cache: Pat
     return save_toy_model(tmp_path_factory.mktemp("toy-model") / "toy", tokenizer_cache)
 
 
-def _drop_keys(client: redis.Redis, prefix: str) -> None:
-    keys = list(client.scan_iter(f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-
-
 @pytest.fixture(scope="module")
 def loop_stack(
     redis_client: redis.Redis, toy_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -59,7 +53,7 @@ def loop_stack(
         yield stack
     finally:
         stack.stop()
-        _drop_keys(redis_client, prefix)
+        drop_keys(redis_client, prefix)
 
 
 @pytest.fixture

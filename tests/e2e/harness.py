@@ -151,6 +151,13 @@ class Stack:
         wait_for(lambda: self.serving() == version, timeout, f"the server to serve {version}")
 
 
+def drop_keys(client: redis.Redis, prefix: str) -> None:
+    """Delete a stack's Redis keys (everything under its key prefix)."""
+    keys = list(client.scan_iter(f"{prefix}:*"))
+    if keys:
+        client.delete(*keys)
+
+
 def service_env(
     model: Path, redis_url: str, prefix: str, data_dir: Path, **overrides: str
 ) -> dict[str, str]:

@@ -21,7 +21,7 @@ import redis
 from quark.service_cli import redis_answers
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import FAST_JOBS
-from tests.e2e.harness import ADMIN_TOKEN, REPO, free_port, service_env, wait_for
+from tests.e2e.harness import ADMIN_TOKEN, REPO, drop_keys, free_port, service_env, wait_for
 
 QUARK = str(Path(sys.executable).parent / "quark")
 
@@ -90,10 +90,7 @@ def up_env(toy_model_dir: Path, tmp_path: Path) -> Iterator[dict[str, str]]:
     env["QUARK_PORT"] = str(free_port())
     yield env
     if redis_answers(REDIS_URL):
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
+        drop_keys(redis.Redis.from_url(REDIS_URL), prefix)
 
 
 def _listening(url: str) -> bool:

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from tests.conftest import REDIS_URL
-from tests.e2e.harness import REPO, Stack, TrafficClient, service_env, wait_for
+from tests.e2e.harness import REPO, Stack, TrafficClient, drop_keys, service_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,9 +51,7 @@ def real_stack(
         yield stack
     finally:
         stack.stop()
-        keys = list(redis_client.scan_iter(f"{prefix}:*"))
-        if keys:
-            redis_client.delete(*keys)
+        drop_keys(redis_client, prefix)
 
 
 def test_one_real_model_cycle(real_stack: Stack, on_failure_logs: list[Stack]) -> None:
