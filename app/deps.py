@@ -10,7 +10,7 @@ from app.engine import Engine
 from app.metrics import Metrics
 from app.pool_logger import PoolLogger
 from app.service import GenerationService
-from quark.settings import ServiceSettings
+from quark.service.settings import ServiceSettings
 
 
 def get_settings(request: Request) -> ServiceSettings:

@@ -1,9 +1,9 @@
-"""The generation engine: one thread runs continuous batching over quark.decoding.
+"""The generation engine: one thread runs continuous batching over app.decoding.
 
-Requests (``JobSpec``: prompt ids + one ``RowSampling`` per completion) wait in a bounded
+Requests (``RequestSpec``: prompt ids + one ``RowSampling`` per completion) wait in a bounded
 queue; the engine thread admits them between decode steps into one ``DecodeBatch``
-(all n rows of a job together), runs one model forward per step for every active row,
-and publishes text deltas to each job's asyncio queue on its event loop. Cancelled jobs
+(all n rows of a request together), runs one model forward per step for every active row,
+and publishes text deltas to each request's asyncio queue on its event loop. Cancelled requests
 (client gone) leave the batch at the next step. The model runs only on this thread,
 under ``torch.inference_mode``, so the event loop never waits on it.
 
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
+from app.decoding import DecodeBatch, Row, RowSampling, detokenize, make_batch
 from app.metrics import Metrics
-from quark.decoding import DecodeBatch, Row, RowSampling, detokenize, make_batch
 from quark.models import QuarkModel, load_model, resolve_source
-from quark.settings import ServiceSettings
+from quark.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ class EngineError(RuntimeError):
 
 class QueueFull(EngineError):
     """More rows wait than QUARK_MAX_QUEUE allows."""
-
-
-class NotReady(EngineError):
-    """No model is loaded (yet, or loading failed)."""
 
 
 @dataclass(eq=False)
@@ -96,7 +92,7 @@ def engine_threads(configured: int) -> int:
 
 
 @dataclass
-class JobSpec:
+class RequestSpec:
     """One request: prompt ids (built for ``model``), one sampling per completion."""
 
     prompt_ids: list[int]
@@ -117,10 +113,10 @@ class Event:
     finish_reason: str | None = None
 
 
-class JobHandle:
-    """The caller's side of a job: events arrive on ``queue`` (lists of Event, or an error)."""
+class RequestHandle:
+    """The caller's side of a request: events arrive on ``queue`` (lists of Event, or an error)."""
 
-    def __init__(self, spec: JobSpec, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, spec: RequestSpec, loop: asyncio.AbstractEventLoop) -> None:
         self.spec = spec
         self.loop = loop
         self.queue: asyncio.Queue[list[Event] | EngineError] = asyncio.Queue()
@@ -131,7 +127,7 @@ class JobHandle:
         self.submitted_at = time.monotonic()
 
     def cancel(self) -> None:
-        """Stop spending compute on this job (its rows leave the batch at the next step)."""
+        """Stop spending compute on this request (its rows leave the batch at the next step)."""
         self.cancelled = True
 
     def deliver(self, item: list[Event] | EngineError) -> None:
@@ -150,7 +146,7 @@ class Engine:
         self.metrics = metrics
         self.load_error: str | None = None
         self._cond = threading.Condition()
-        self._waiting: deque[JobHandle] = deque()
+        self._waiting: deque[RequestHandle] = deque()
         self._waiting_rows = 0
         self._current: LoadedModel | None = None  # what the running batch uses
         self._pending: LoadedModel | None = None  # staged by swap_model
@@ -172,7 +168,15 @@ class Engine:
         self._thread.start()
 
     def load(self, source: str) -> None:
-        """Load ``source`` and serve it (blocking; run in a thread). Errors are kept."""
+        """Load ``source`` and serve it (blocking; run in a thread). Errors are kept.
+
+        Not while the server follows the model store (QUARK_WATCH_VERSIONS=1): then the
+        model watcher decides what is served at start (the active version, or a verified
+        ancestor of it), and nothing is served before; ``source`` without the store's reward
+        tokens would answer with less than the store promises."""
+        if self.settings.watch_versions:
+            log.info("following the model store: the model watcher loads the active version")
+            return
         try:
             loaded = load_version(source, self.settings)
         except Exception as exc:
@@ -190,11 +194,11 @@ class Engine:
             self.load_error = None
             self._cond.notify_all()
 
-    def submit(self, spec: JobSpec) -> JobHandle:
-        """Queue a job; raises QueueFull / NotReady / EngineError instead of waiting."""
+    def submit(self, spec: RequestSpec) -> RequestHandle:
+        """Queue a request; raises QueueFull / EngineError instead of waiting."""
         if self._stopping:
             raise EngineError("the server is shutting down; retry on another replica")
-        handle = JobHandle(spec, asyncio.get_running_loop())
+        handle = RequestHandle(spec, asyncio.get_running_loop())
         rows = len(spec.samplings)
         with self._cond:
             if self._waiting_rows + rows > self.settings.max_queue:
@@ -229,11 +233,11 @@ class Engine:
                 try:
                     self._advance(admitted)
                 except Exception as exc:  # a bug or OOM must not kill the engine thread
-                    log.exception("decode step failed; failing the jobs in the batch")
+                    log.exception("decode step failed; failing the requests in the batch")
                     self._fail_batch(admitted, EngineError(f"generation failed: {exc}", False))
         self._fail_all(EngineError("the server is shutting down; retry"))
 
-    def _next_work(self) -> list[JobHandle] | None:
+    def _next_work(self) -> list[RequestHandle] | None:
         """Jobs to admit now ([] = just step the batch); None = stop. Blocks while idle."""
         with self._cond:
             while not self._stopping:
@@ -268,8 +272,8 @@ class Engine:
             self._waiting = kept
             self.metrics.queue_depth.set(self._waiting_rows)
 
-    def _pop_admissible(self) -> list[JobHandle]:
-        """Oldest waiting jobs that fit the batch whole (strict FIFO: no starvation of big n)."""
+    def _pop_admissible(self) -> list[RequestHandle]:
+        """Oldest waiting requests that fit the batch whole (strict FIFO: big n never starves)."""
         active = len(self._batch) if self._batch else 0
         room = self.settings.max_batch_size - active
         admitted = []
@@ -281,8 +285,8 @@ class Engine:
         self.metrics.queue_depth.set(self._waiting_rows)
         return admitted
 
-    def _advance(self, admitted: list[JobHandle]) -> None:
-        """Prefill admitted jobs, drop cancelled rows, decode one step, publish text."""
+    def _advance(self, admitted: list[RequestHandle]) -> None:
+        """Prefill admitted requests, drop cancelled rows, decode one step, publish text."""
         assert self._batch is not None and self._current is not None
         batch = self._batch
         rows = [row for handle in admitted for row in self._make_rows(handle)]
@@ -294,7 +298,7 @@ class Engine:
             self._publish(batch.step())
         self.metrics.active_rows.set(len(batch))
 
-    def _make_rows(self, handle: JobHandle) -> list[Row]:
+    def _make_rows(self, handle: RequestHandle) -> list[Row]:
         model = self._current
         assert model is not None
         ids = handle.spec.prompt_ids
@@ -303,7 +307,7 @@ class Engine:
                 ids = handle.spec.rebuild(model)
             if len(ids) >= model.context:
                 raise EngineError(f"prompt of {len(ids)} tokens does not fit the model context")
-        except Exception as exc:  # this job only: the others in the batch go on
+        except Exception as exc:  # this request only: the others in the batch go on
             handle.deliver(EngineError(f"cannot run on version {model.version}: {exc}", False))
             return []
         handle.model = model
@@ -314,13 +318,13 @@ class Engine:
         return handle.rows
 
     def _publish(self, rows: list[Row]) -> None:
-        """Detokenize each row, apply stop strings, and send every job its events."""
+        """Detokenize each row, apply stop strings, and send every request its events."""
         assert self._batch is not None and self._current is not None
         tokenizer = self._current.qm.tokenizer
-        by_job: dict[JobHandle, list[Event]] = {}
+        by_request: dict[RequestHandle, list[Event]] = {}
         stopped: list[Row] = []
         for row in rows:
-            handle: JobHandle = row.owner
+            handle: RequestHandle = row.owner
             if handle.cancelled:
                 continue
             text = detokenize(tokenizer, row.tokens)
@@ -332,15 +336,15 @@ class Engine:
             start = handle.emitted[row.index]
             handle.emitted[row.index] = max(start, end)
             event = Event(row.index, text[start:end], len(row.tokens), row.finish_reason)
-            by_job.setdefault(handle, []).append(event)
+            by_request.setdefault(handle, []).append(event)
         self._batch.drop(stopped)
         self.metrics.generated_tokens.inc(len(rows))
-        for handle, events in by_job.items():
+        for handle, events in by_request.items():
             handle.deliver(events)
 
-    def _fail_batch(self, admitted: list[JobHandle], error: EngineError) -> None:
-        jobs = {r.owner for r in self._batch.rows} if self._batch else set()
-        for handle in jobs | set(admitted):
+    def _fail_batch(self, admitted: list[RequestHandle], error: EngineError) -> None:
+        owners = {r.owner for r in self._batch.rows} if self._batch else set()
+        for handle in owners | set(admitted):
             handle.deliver(error)
         if self._current is not None:
             self._batch = make_batch(self._current.qm, self._current.context)

@@ -16,13 +16,14 @@ from transformers.utils import logging as hf_logging
 from app.engine import Engine
 from app.errors import install_error_handlers
 from app.metrics import Metrics
-from app.middleware import BodyLimitMiddleware, MetricsMiddleware
+from app.middleware import BodyLimitMiddleware, MetricsMiddleware, UnexpectedErrorMiddleware
 from app.model_watcher import start_watcher
 from app.pool_logger import PoolLogger
 from app.routes import admin, admin_models, generate, health, openai
 from app.service import GenerationService
 from app.streaming import ClientDisconnected
-from quark.settings import ServiceSettings
+from quark.service.settings import ServiceSettings
+from quark.service.worker_status import WorkerMonitor, WorkerStatus
 
 log = logging.getLogger("app")
 
@@ -69,9 +70,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         target=engine.load, args=(settings.model,), name="model-loader", daemon=True
     ).start()
     watcher = start_watcher(app)  # follows the store's active version (hot swap)
+
+    def on_worker_status(status: WorkerStatus) -> None:
+        metrics.set_worker_status(status.state == "up", status.last_seen)
+
+    app.state.worker_monitor = monitor = WorkerMonitor(
+        settings.redis_url, settings.key_prefix, on_update=on_worker_status
+    )
+    monitor.start()  # /readyz and quark_worker_up: is a Celery worker running?
     try:
         yield
     finally:
+        await asyncio.to_thread(monitor.stop)
         await asyncio.to_thread(watcher.stop)
         await asyncio.to_thread(engine.stop)
         await asyncio.to_thread(pool_logger.stop)
@@ -96,7 +106,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_exception_handler(ClientDisconnected, _client_gone)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts 413s too
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # counts 413s and 500s too
+    # Outermost of ours: any unexpected error becomes one 500 and the connection stays up.
+    app.add_middleware(UnexpectedErrorMiddleware)
     for module in (health, generate, openai, admin, admin_models):
         app.include_router(module.router)
     return app

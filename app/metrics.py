@@ -57,6 +57,12 @@ class Metrics:
         self.model_info = Gauge(
             "quark_model_version_info", "Active model version (value 1)", ["version"], registry=r
         )
+        self.model_fallback = Gauge(
+            "quark_model_fallback",
+            "1 while this server does not serve the active version because it failed "
+            "verification or loading (it serves a verified ancestor, or keeps its version)",
+            registry=r,
+        )
         self.pool_writes = Counter(
             "quark_pool_writes",
             "Pool records written to Redis (spool replays included)",
@@ -77,6 +83,17 @@ class Metrics:
         self.redis_up = Gauge(
             "quark_pool_redis_up", "1 when the pool writer reached Redis last time", registry=r
         )
+        self.worker_up = Gauge(
+            "quark_worker_up",
+            "1 while a Celery worker's heartbeat is fresh in Redis; 0 when none is, or Redis "
+            "does not answer (see quark_pool_redis_up)",
+            registry=r,
+        )
+        self.worker_last_seen = Gauge(
+            "quark_worker_last_seen_timestamp_seconds",
+            "Unix time of the newest worker heartbeat (0: never seen)",
+            registry=r,
+        )
         self._version: str | None = None
 
     def set_model_version(self, version: str) -> None:
@@ -84,6 +101,11 @@ class Metrics:
             self.model_info.remove(self._version)
         self.model_info.labels(version=version).set(1)
         self._version = version
+
+    def set_worker_status(self, up: bool, last_seen: float | None) -> None:
+        self.worker_up.set(1 if up else 0)
+        if last_seen is not None:
+            self.worker_last_seen.set(last_seen)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,7 +6,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import APIError
+from app.errors import APIError, unexpected_error
 from app.metrics import Metrics
 
 _BODY_METHODS = {"POST", "PUT", "PATCH"}
@@ -99,3 +99,37 @@ def _endpoint(scope: Scope) -> str:
     route = scope.get("route")
     path = getattr(route, "path", None)
     return path if isinstance(path, str) else "unmatched"
+
+
+class UnexpectedErrorMiddleware:
+    """Answers an exception no handler knew with the 500 error object, once, and keeps the
+    connection: the exception stops here.
+
+    Starlette's own catch-all (``ServerErrorMiddleware``, which runs the ``Exception``
+    handler) re-raises after answering, so the server logs it again and closes the
+    keep-alive connection under the client's next request. An error after the response has
+    started (a stream cut short) is re-raised: closing the connection is then the only way
+    to tell the client its body is incomplete."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception as exc:
+            if started:
+                raise
+            error = unexpected_error(scope["method"], scope["path"], exc)
+            await error.response()(scope, receive, send)

@@ -9,8 +9,17 @@ batches start on the new one. A version that fails to verify or load is rejected
 counted in ``quark_model_swaps{outcome="rejected"}``) and the current one keeps serving;
 it is tried again only when it is announced again.
 
-At start, the watcher also makes sure version 0 exists (the base model plus reward tokens,
-published once under a Redis lock by whichever server or worker comes first).
+What the server serves at start is decided here (the engine loads nothing itself while the
+server follows the store, so it never serves ``QUARK_MODEL`` without the store's reward
+tokens): the watcher makes sure version 0 exists (the base model plus reward tokens,
+published once under a Redis lock by whichever server or worker comes first), then loads the
+active version. If that one is refused while nothing is served yet, it serves the newest
+version of the active version's ancestry (its ``parent`` chain, then v0000) that verifies.
+Whenever the served version is not the active one because the active one was refused,
+``degraded`` says why (in /readyz and ``GET /admin/models``), the ``quark_model_fallback``
+gauge is 1 and the log says which version serves instead. If no version of the ancestry
+verifies, nothing is served and /readyz stays not ready. While Redis cannot be reached at
+start, the last activation recorded on disk (``models/ACTIVE``) is served.
 """
 
 from __future__ import annotations
@@ -25,8 +34,9 @@ from prometheus_client import Counter, Gauge
 
 from app.metrics import Metrics
 from quark.models import QuarkModel
-from quark.settings import ServiceSettings
-from quark.store import ModelStore, RedisVersionPointer, StoreError, ensure_initial_version
+from quark.service.redis_client import connect
+from quark.service.settings import ServiceSettings
+from quark.service.store import ModelStore, RedisVersionPointer, StoreError, ensure_initial_version
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +46,10 @@ BOOTSTRAP_LOCK_S = 900.0
 class SwapTarget(Protocol):
     """What the watcher needs from the engine."""
 
-    @property
-    def model(self) -> Any: ...  # has .version, or None while nothing is loaded
+    load_error: str | None  # why nothing can be served, shown to clients
 
     @property
-    def load_error(self) -> str | None: ...
+    def model(self) -> Any: ...  # has .version, or None while nothing is loaded
 
     def swap_model(self, qm: QuarkModel, version: str) -> None: ...
 
@@ -57,12 +66,13 @@ class ModelWatcher:
     ) -> None:
         self.settings = settings
         self.engine = engine
-        self.client = client or redis.Redis.from_url(
-            settings.redis_url, socket_timeout=10, socket_connect_timeout=5
-        )
+        self.client = client or connect(settings.redis_url)
         self.pointer = RedisVersionPointer(self.client, settings.key_prefix)
         self.store = ModelStore(settings.store_dir, self.pointer)
         self.rejected: set[str] = set()
+        self.active: str | None = None  # the store's active version, as last read
+        self.degraded: str | None = None  # why the active version is not served, if it is not
+        self._fallback = metrics.model_fallback
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-watcher", daemon=True)
         self._swaps = Counter(
@@ -89,31 +99,42 @@ class ModelWatcher:
         model = self.engine.model
         return str(model.version) if model is not None else None
 
+    def status(self) -> dict[str, Any]:
+        """For /readyz: the version served, the active one, and why they differ (or None)."""
+        return {"serving": self.serving, "active": self.active, "degraded": self.degraded}
+
     # -- thread ----------------------------------------------------------------------------
     def _run(self) -> None:
-        self._wait_for_initial_load()
         while not self._stop.is_set():
             try:
                 self._bootstrap()
                 self._follow()
             except (redis.RedisError, OSError) as exc:
                 log.warning("model watcher lost Redis (%s); retrying", exc)
+                self._serve_local_record()
                 self._stop.wait(min(5.0, self.settings.watcher_poll_s))
             except Exception:  # never let the watcher die: serving goes on regardless
                 log.exception("model watcher error; retrying")
                 self._stop.wait(self.settings.watcher_poll_s)
 
-    def _wait_for_initial_load(self, timeout_s: float = 600.0) -> None:
-        """Let the engine's own start-up load finish first, so it cannot undo a swap."""
-        deadline = time.monotonic() + timeout_s
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            if self.engine.model is not None or self.engine.load_error is not None:
-                return
-            self._stop.wait(0.1)
-
     def _bootstrap(self) -> None:
         lock = self.pointer.lock("bootstrap", timeout_s=BOOTSTRAP_LOCK_S)
         ensure_initial_version(self.store, self.settings.model, self.settings.num_quantiles, lock)
+
+    def _serve_local_record(self) -> None:
+        """Nothing served yet and Redis unreachable: serve the last activation recorded on
+        this store's disk (``models/ACTIVE``), if any; Redis's pointer decides once back."""
+        if self.serving is not None:
+            return
+        try:
+            version = self.store.local_active()
+            if version is None or version in self.rejected:
+                return
+            log.warning("Redis unreachable at start: serving %s from models/ACTIVE", version)
+            self.active = version
+            self._settle(version)
+        except (StoreError, OSError) as exc:
+            log.warning("could not serve the version recorded in models/ACTIVE: %s", exc)
 
     def _follow(self) -> None:
         """Check now, then on every announcement or poll interval, until stopped."""
@@ -133,16 +154,74 @@ class ModelWatcher:
 
     # -- one check -------------------------------------------------------------------------
     def check(self, force: bool = False) -> str | None:
-        """Swap to the active version if it is not served yet; returns what was swapped in."""
+        """Swap to the active version if it is not served yet; returns what was swapped in
+        (the active version, or a verified ancestor of it when nothing was served yet)."""
         target = self.store.active()
-        if target is None or (target == self.serving and not force):
+        self.active = target
+        if target is None:
+            return None
+        if target == self.serving and not force:
+            self._set_degraded(None)
             return None
         if target in self.rejected:
             return None
-        return self.swap_to(target)
+        return self._settle(target)
+
+    def _settle(self, target: str) -> str | None:
+        """Serve ``target``; if it is refused, keep the version served, or when there is
+        none yet, serve the newest version of ``target``'s ancestry that verifies."""
+        error = self._swap(target)
+        if error is None:
+            self._set_degraded(None)
+            return target
+        if self.serving is not None:  # verified when it was swapped in: it keeps serving
+            self._set_degraded(error)
+            return None
+        for version in self.ancestry(target):
+            if version not in self.rejected and self._swap(version) is None:
+                self._set_degraded(error)
+                log.error(
+                    "%s; serving %s instead, the newest version of its ancestry that verifies",
+                    error,
+                    version,
+                )
+                return version
+        self._set_degraded(f"{error}; no version of its ancestry verifies")
+        self.engine.load_error = self.degraded
+        log.error("%s: nothing to serve", self.degraded)
+        return None
+
+    def ancestry(self, version: str) -> list[str]:
+        """``version``'s parent, its parent's parent, ... (newest first), then the root
+        version (v0000) if the chain does not reach it (an ancestor was pruned)."""
+        chain: list[str] = []
+        seen = {version}
+        current = version
+        while True:
+            try:
+                parent = self.store.metadata(current).get("parent")
+            except StoreError:
+                break
+            if not parent or str(parent) in seen or not self.store.exists(str(parent)):
+                break
+            current = str(parent)
+            chain.append(current)
+            seen.add(current)
+        stored = self.store.versions()
+        if stored and stored[0] not in seen:
+            chain.append(stored[0])
+        return chain
+
+    def _set_degraded(self, reason: str | None) -> None:
+        self.degraded = reason
+        self._fallback.set(1 if reason else 0)
 
     def swap_to(self, version: str) -> str | None:
         """Verify + load ``version`` (here, not on the engine thread), then stage it."""
+        return version if self._swap(version) is None else None
+
+    def _swap(self, version: str) -> str | None:
+        """Verify + load + stage ``version``; None, or why it was refused."""
         started = time.perf_counter()
         try:
             qm = self.store.load(version, device=self.settings.device)
@@ -150,16 +229,21 @@ class ModelWatcher:
             self.rejected.add(version)
             self._swaps.labels(outcome="rejected").inc()
             log.error(
-                "refusing model version %s (%s); still serving %s", version, exc, self.serving
+                "refusing model version %s (%s); serving %s",
+                version,
+                exc,
+                self.serving or "nothing yet",
             )
-            return None
+            detail = str(exc).removeprefix(f"{version}: ")
+            verifying = isinstance(exc, StoreError) and not detail.startswith("does not load")
+            return f"{version} {'failed verification' if verifying else 'failed to load'}: {detail}"
         self.engine.swap_model(qm, version)
         self._load_seconds.set(time.perf_counter() - started)
         self._swaps.labels(outcome="ok").inc()
         log.info(
             "model version %s loaded in %.2fs; swapping", version, time.perf_counter() - started
         )
-        return version
+        return None
 
 
 def _text(value: Any) -> str:

@@ -21,8 +21,9 @@ import redis
 from app.metrics import Metrics
 from app.spool import Spool
 from quark.pool import PoolRecord
-from quark.redis_pool import RedisPool
-from quark.settings import ServiceSettings
+from quark.service.keys import RedisKeys
+from quark.service.redis_pool import RedisPool
+from quark.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ class PoolLogger:
             settings.pool_max_records,
             timeout_s=settings.redis_timeout_s,
         )
-        self.switch_key = f"{settings.key_prefix}:config:logging_enabled"
+        self.switch_key = RedisKeys(settings.key_prefix).logging_switch
         self.spool = Spool(
             settings.spool_dir, settings.spool_max_records, settings.spool_segment_records
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 REWARD_HELP = (
     "Which reward token conditions the generation. 'top' = the best-reward quantile "
@@ -41,16 +42,100 @@ def _stop_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+def _json_path(parent: str, key: str | int) -> str:
+    """Field names as the error messages write them: ``messages[0].content``."""
+    if isinstance(key, int):
+        return f"{parent}[{key}]"
+    return f"{parent}.{key}" if parent else key
+
+
+def _surrogate_at(text: str) -> int | None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
+
+
+def lone_surrogate(data: Any) -> tuple[str, str] | None:
+    """The first string of a parsed JSON value (or query) that is not valid Unicode, as
+    ``(field, where in it)``, or None.
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``), and Python's JSON decoder
+    also turns the raw bytes ``ED A0 80`` into one; neither can be encoded as UTF-8, so the
+    tokenizer (and every UTF-8 consumer after it) would fail on them. Iterative: any
+    nesting the JSON decoder accepted is walked without hitting the recursion limit."""
+    stack: list[tuple[str, Any]] = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            index = _surrogate_at(value)
+            if index is not None:
+                escaped = value[index].encode("unicode_escape").decode()
+                return path or "the value", f"({escaped}) at character {index}"
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                name = str(key)
+                if _surrogate_at(name) is not None:
+                    shown = name.encode("utf-8", "backslashreplace").decode()
+                    return _json_path(path, shown), "in its name"
+                stack.append((_json_path(path, name), item))
+        elif isinstance(value, list | tuple):
+            stack.extend((_json_path(path, i), v) for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+class UnicodeChecked(BaseModel):
+    """Requests whose text reaches the tokenizer: every string in them must be valid
+    Unicode. One check for /generate (GET and POST) and the OpenAI routes; a failure is a
+    400 naming the field (``validation_error`` reads ``ctx["param"]``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = lone_surrogate(data)
+        if found is not None:
+            field, where = found
+            raise PydanticCustomError(
+                "string_unicode",
+                "{param} holds a lone UTF-16 surrogate {where}, which is not valid Unicode: "
+                "send UTF-8 text, and escape a character outside the Basic Multilingual Plane "
+                "as a complete surrogate pair (e.g. \\ud83d\\ude00)",
+                {"param": field, "where": where},
+            )
+        return data
+
+
 RewardSelector = Annotated[str | int, BeforeValidator(parse_reward)]
 StopStrings = Annotated[
-    list[Annotated[str, Field(min_length=1)]] | None,
+    # max_length sits on the list, not on the optional: pydantic applies a constraint on
+    # ``list | None`` to None too and raises TypeError (a 500) for ``"stop": null``.
+    Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
     BeforeValidator(_stop_list),
-    Field(max_length=4, description="Up to 4 strings; generation stops before any of them."),
+    Field(description="Up to 4 strings; generation stops before any of them. null = none."),
 ]
 
 
+# -- errors ---------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What is wrong and how to fix it.")
+    type: str = Field(
+        description="invalid_request_error (400, 413, 422), authentication_error (401), "
+        "permission_error (403), not_found_error (404), conflict_error (409), "
+        "rate_limit_error (429), service_unavailable (503), server_error (other 5xx)."
+    )
+    param: str | None = Field(description="The request field at fault, if one is.")
+    code: str | None = Field(description="A machine-readable reason, e.g. invalid_value.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error, on every endpoint (the OpenAI error object)."""
+
+    error: ErrorDetail
+
+
 # -- /generate ------------------------------------------------------------------------------
-class GenerateParams(BaseModel):
+class GenerateParams(UnicodeChecked):
     """Fields of ``GET /generate`` (query string, types converted from text)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -121,7 +206,7 @@ class GenerateResponse(BaseModel):
 
 
 # -- OpenAI-compatible ------------------------------------------------------------------------
-class OpenAIRequestBase(BaseModel):
+class OpenAIRequestBase(UnicodeChecked):
     # OpenAI clients send fields this server does not know (user, metadata, ...): ignore them;
     # types of known fields are checked strictly.
     model_config = ConfigDict(extra="ignore", strict=True)

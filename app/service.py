@@ -12,14 +12,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from app.engine import Engine, EngineError, Event, JobHandle, JobSpec, LoadedModel, QueueFull
+from app.decoding import RowSampling
+from app.engine import (
+    Engine,
+    EngineError,
+    Event,
+    LoadedModel,
+    QueueFull,
+    RequestHandle,
+    RequestSpec,
+)
 from app.errors import APIError, bad_request
 from app.metrics import Metrics
 from app.pool_logger import PoolLogger
 from app.schemas import RewardUsed
-from quark.decoding import RowSampling
 from quark.pool import PoolRecord
-from quark.settings import ServiceSettings
+from quark.service.settings import ServiceSettings
 
 
 @dataclass
@@ -70,7 +78,7 @@ class Generation:
     def __init__(
         self,
         service: GenerationService,
-        handle: JobHandle,
+        handle: RequestHandle,
         inp: GenerationInput,
         prompt_tokens: int,
     ) -> None:
@@ -211,7 +219,7 @@ class GenerationService:
         samplings = [
             RowSampling(max_new, inp.temperature, inp.top_p, base_seed + i) for i in range(inp.n)
         ]
-        spec = JobSpec(
+        spec = RequestSpec(
             prompt_ids,
             model,
             samplings,

@@ -37,9 +37,11 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# Per-prompt arrays and texts of an evaluation: kept out of the per-version rows.
+BULKY = {"examples", "per_prompt", "prompt_texts", "prompt_sha256"}
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.harness import Stack, service_env  # noqa: E402  (server/worker/beat processes)
+from testkit.stack import Stack, service_env  # noqa: E402  (server/worker/beat processes)
 
 SECTION = "## Continuous unlearning (issue 4)"
 SHARED = ROOT.parent / "shared" / "data" / "rtp"
@@ -144,7 +146,7 @@ def evaluate_versions(args: argparse.Namespace) -> list[dict[str, Any]]:
     from quark.data import load_prompts, split_by_toxicity
     from quark.evaluation import evaluate
     from quark.models import load_model
-    from quark.store import ModelStore
+    from quark.service.store import ModelStore
 
     toxic, _ = split_by_toxicity(load_prompts(args.dev))
     prompts = [p.text for p in toxic[: args.dev_prompts]]
@@ -157,7 +159,7 @@ def evaluate_versions(args: argparse.Namespace) -> list[dict[str, Any]]:
         result = evaluate(qm, original, "toxicity", prompts, 0, samples=args.samples, seed=0)
         rows.append({"version": version, "parent": meta.get("parent"),
                      "created_at": meta.get("created_at"), "job_id": meta.get("job_id"),
-                     **{k: v for k, v in result.items() if k != "examples"}})  # fmt: skip
+                     **{k: v for k, v in result.items() if k not in BULKY}})  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -5,7 +5,7 @@ Measures, on the same prompts and the same model, generated tokens/s of:
 * ``sequential``: one ``model.generate`` call per prompt (the baseline of serve_throughput);
 * ``hf_generate``: transformers' padded batched ``generate`` over all prompts at once;
 * ``hf_generate_batch``: transformers' continuous-batching ``generate_batch`` API;
-* ``quark_decode``: quark.decoding.DecodeBatch (our KV-cached step loop with per-row
+* ``quark_decode``: app.decoding.DecodeBatch (our KV-cached step loop with per-row
   sampling parameters, seeds, cancellation and rows joining between steps).
 
 Usage: ``python benchmarks/engine_choice.py --batch 16 --new-tokens 20``.
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from quark.decoding import Row, RowSampling, make_batch
+from app.decoding import Row, RowSampling, make_batch
 from quark.models import load_model
 from quark.sampling import eos_ids
 

@@ -229,7 +229,7 @@ def main() -> None:
 
     import redis
 
-    from quark.store import ModelStore, RedisVersionPointer
+    from quark.service.store import ModelStore, RedisVersionPointer
 
     workdir = Path(tempfile.mkdtemp(prefix="quark-hot-swap-"))
     prefix = args.prefix or f"bench-swap-{uuid.uuid4().hex[:8]}"
@@ -243,7 +243,7 @@ def main() -> None:
         if url is None:
             model = args.model
             if model == "tiny":
-                from quark.testing import save_tiny_model
+                from testkit.tiny_model import save_tiny_model
 
                 model = str(save_tiny_model(workdir / "tiny", workdir / "tokenizer"))
             process, url = start_server(model, data_dir, prefix)

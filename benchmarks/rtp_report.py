@@ -6,7 +6,9 @@ Usage:
       --eval "trained, top token=runs/eval/top" --plot docs/rtp_quantile_rewards.png
 
 Each --eval NAME=PREFIX reads PREFIX-toxic.json and PREFIX-nontoxic.json written by
-`quark eval --json`.
+`quark eval --json`. Results that carry 95 % intervals (`metrics`, written since issue 12) show
+them as `value [low, high]`; older results show the value alone. Toxicity columns are the
+headline judge's (the first `--judge` of `quark eval`).
 """
 
 from __future__ import annotations
@@ -74,6 +76,15 @@ def training_summary(events: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def cell(result: dict[str, Any], key: str) -> str:
+    """``value`` or, when the result has its interval, ``value [low, high]``."""
+    judged = f"{key}@{result.get('judge')}"
+    interval = result.get("metrics", {}).get(judged) or result.get("metrics", {}).get(key)
+    if interval is None or interval.get("low") is None or interval.get("high") is None:
+        return f"{result[key]:.3f}"
+    return f"{interval['value']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
 def eval_table(evals: list[tuple[str, str]], seconds_per_step: float) -> str:
     header = "| model | prompts | " + " | ".join(label for _, label in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
@@ -83,7 +94,7 @@ def eval_table(evals: list[tuple[str, str]], seconds_per_step: float) -> str:
             if not path.exists():
                 continue
             result = json.loads(path.read_text())
-            cells = " | ".join(f"{result[key]:.3f}" for key, _ in COLUMNS)
+            cells = " | ".join(cell(result, key) for key, _ in COLUMNS)
             lines.append(
                 f"| {name} | {split} ({result['prompts']}x{result['samples']}) | {cells} |"
             )

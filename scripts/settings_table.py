@@ -6,7 +6,10 @@ README.md; tests/unit/test_settings_doc.py fails while a field is missing from t
 
 from __future__ import annotations
 
-from quark.settings import ServiceSettings
+from dataclasses import fields
+
+from quark.online.params import UnlearnParams
+from quark.service.settings import UNLEARN_ENV, ServiceSettings
 
 
 def _default(name: str) -> str:
@@ -17,7 +20,10 @@ def _default(name: str) -> str:
         if name == "data_dir":
             return "`<cache_dir>/data`"
         return "(empty)"
-    value = field.default
+    return _shown(field.default)
+
+
+def _shown(value: object) -> str:
     if value is None:
         return "(unset)"
     if value == "" or value == []:
@@ -25,11 +31,19 @@ def _default(name: str) -> str:
     return f"`{value}`"
 
 
+def _row(env: str, default: str, description: str) -> str:
+    escaped = description.replace("|", "\\|")
+    return f"| `{env}` | {default} | {escaped} |"
+
+
 def table() -> str:
+    """Service settings, then the unlearn job's parameters (from UnlearnParams)."""
     lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
     for name, field in ServiceSettings.model_fields.items():
-        description = (field.description or "").replace("|", "\\|")
-        lines.append(f"| `QUARK_{name.upper()}` | {_default(name)} | {description} |")
+        if name != "unlearn":
+            lines.append(_row(f"QUARK_{name.upper()}", _default(name), field.description or ""))
+    for f in fields(UnlearnParams):
+        lines.append(_row(UNLEARN_ENV[f.name], _shown(f.default), f.metadata["help"]))
     return "\n".join(lines)
 
 

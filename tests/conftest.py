@@ -13,8 +13,8 @@ import redis
 import torch
 
 from quark.models import QuarkModel
-from quark.service_cli import redis_answers
-from quark.testing import build_tiny_model, save_tiny_model, smollm2_tokenizer
+from quark.service.redis_client import answers as redis_answers
+from testkit.tiny_model import build_tiny_model, save_tiny_model, smollm2_tokenizer
 
 # The test machine has two cores shared with long training runs: with two intra-op threads
 # torch spins against the other processes and tiny-model steps get ~5x slower, not faster.
@@ -34,7 +34,7 @@ def redis_client() -> redis.Redis:
 def tokenizer_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A session directory holding the SmolLM2 tokenizer files (converted once, ~5 s)."""
     root = tmp_path_factory.mktemp("tokenizer-cache")
-    smollm2_tokenizer(root)  # warms quark.testing's per-directory cache
+    smollm2_tokenizer(root)  # warms testkit.tiny_model's per-directory cache
     return root
 
 

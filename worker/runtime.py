@@ -10,21 +10,29 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
-import torch
-from transformers.utils import logging as hf_logging
 
-from quark.jobs import JobRegistry
-from quark.models import QuarkModel, load_model
-from quark.online import reward_spec, score_pending
-from quark.redis_pool import RedisPool
+from quark.online.params import reward_spec
+from quark.online.scoring import score_pending
 from quark.rewards import RewardFn, build_reward
-from quark.settings import ServiceSettings
-from quark.store import ModelStore, RedisVersionPointer, ensure_initial_version
+from quark.service.jobs import JobRegistry
+from quark.service.keys import RedisKeys
+from quark.service.redis_client import connect
+from quark.service.redis_pool import RedisPool
+from quark.service.settings import ServiceSettings
+from quark.service.store import ModelStore, RedisVersionPointer, ensure_initial_version
+
+if TYPE_CHECKING:
+    from quark.models import QuarkModel
 
 log = logging.getLogger(__name__)
+
+SCORE_LOCK_S = 600  # a scorer that dies frees the lock after this
+BOOTSTRAP_LOCK_S = 900  # converting and publishing v0000 takes minutes on a cold cache
+#: Read timeout of the worker's Redis client: above the longest single command it sends.
+WORKER_REDIS_TIMEOUT_S = 30.0
 
 # Set when the worker starts a warm shutdown: a running job checkpoints and is re-queued.
 SHUTTING_DOWN = threading.Event()
@@ -40,21 +48,25 @@ class Runtime:
     jobs: JobRegistry
 
     @property
+    def keys(self) -> RedisKeys:
+        return RedisKeys(self.settings.key_prefix)
+
+    @property
     def scoring_spec(self) -> str:
-        return reward_spec(self.settings.task, self.settings.reward)
+        return reward_spec(self.settings.unlearn.task, self.settings.unlearn.reward)
 
     def ensure_active(self) -> str:
         return ensure_initial_version(
             self.store,
             self.settings.model,
             self.settings.num_quantiles,
-            self.pointer.lock("bootstrap", timeout_s=900),
+            self.pointer.lock("bootstrap", timeout_s=BOOTSTRAP_LOCK_S),
         )
 
     def score(self, blocking_s: float = 0.0) -> int | None:
         """Score pending pool records; None when another scorer holds the lock."""
         lock = self.client.lock(
-            f"{self.settings.key_prefix}:lock:score", timeout=600, blocking_timeout=blocking_s
+            self.keys.lock("score"), timeout=SCORE_LOCK_S, blocking_timeout=blocking_s
         )
         if not lock.acquire(blocking=blocking_s > 0):
             return None
@@ -71,9 +83,7 @@ class Runtime:
         yields False if it stayed taken for ``wait_s``. A dead worker's lock expires in TTL."""
         ttl = self.settings.job_lock_ttl_s
         # thread_local=False: the keeper thread renews the token this thread acquired.
-        lock = self.client.lock(
-            f"{self.settings.key_prefix}:lock:unlearn", timeout=ttl, thread_local=False
-        )
+        lock = self.client.lock(self.keys.lock("unlearn"), timeout=ttl, thread_local=False)
         if not self._acquire(lock, job_id, wait_s):
             yield False
             return
@@ -105,7 +115,7 @@ class Runtime:
                 return False
 
     def unlearn_locked(self) -> bool:
-        return bool(self.client.exists(f"{self.settings.key_prefix}:lock:unlearn"))
+        return bool(self.client.exists(self.keys.lock("unlearn")))
 
 
 def _keep_alive(
@@ -128,11 +138,14 @@ def _release(lock: Any) -> None:
 
 @functools.cache
 def runtime() -> Runtime:
+    import torch
+    from transformers.utils import logging as hf_logging
+
     settings = ServiceSettings()
     hf_logging.disable_progress_bar()  # every job loads models: no bars in the worker log
     if settings.worker_torch_threads:
         torch.set_num_threads(settings.worker_torch_threads)
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=30, health_check_interval=30)
+    client = connect(settings.redis_url, read_timeout_s=WORKER_REDIS_TIMEOUT_S)
     pointer = RedisVersionPointer(client, settings.key_prefix)
     return Runtime(
         settings=settings,
@@ -152,6 +165,8 @@ def reward_fn(spec: str) -> RewardFn:
 @functools.cache
 def original_model(source: str, device: str) -> QuarkModel:
     """The frozen original model, loaded once per worker process (the KL reference)."""
+    from quark.models import load_model
+
     qm = load_model(source, device=device)
     qm.model.requires_grad_(False)
     qm.model.eval()

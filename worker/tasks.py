@@ -4,30 +4,39 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 from celery import Task
 from celery.exceptions import Ignore, SoftTimeLimitExceeded
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
-from quark.online import (
-    JobCancelled,
-    JobSuspended,
-    UnlearnDeps,
-    params_from_settings,
-    reward_spec,
-    run_unlearn,
-    trigger_reason,
-)
-from quark.unlearn import drop_checkpoint
-from worker.celery_app import SCORE_TASK, TICK_TASK, TRAINING_QUEUE, UNLEARN_TASK, app
+from quark.service.jobs import JobLost
+from quark.service.tasks import SCORE_TASK, TICK_TASK, TRAINING_QUEUE, UNLEARN_TASK
+from quark.service.worker_status import Heartbeat
+from worker.celery_app import app, settings
 from worker.runtime import SHUTTING_DOWN, Runtime, original_model, reward_fn, runtime
+
+if TYPE_CHECKING:
+    from quark.online.job import UnlearnDeps
 
 log = logging.getLogger(__name__)
 
 CANCELLED = "CANCELLED"
-_settings = runtime().settings
+
+# Tells the servers (/readyz, quark_worker_up) that this worker runs; no connection yet.
+HEARTBEAT = Heartbeat(settings.redis_url, settings.key_prefix)
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    """Connected before _bootstrap: a long first conversion must not hide the worker."""
+    HEARTBEAT.start(str(getattr(sender, "hostname", None) or "worker"))
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    HEARTBEAT.stop()
 
 
 @worker_ready.connect
@@ -50,7 +59,7 @@ def _on_shutdown(**_: Any) -> None:
     acks_late=True,
     autoretry_for=(redis.ConnectionError, redis.TimeoutError),
     retry_backoff=True,
-    max_retries=_settings.job_max_retries,
+    max_retries=settings.job_max_retries,
 )
 def score(self: Task) -> dict[str, Any]:
     """Score every pending pool record with the configured reward (idempotent)."""
@@ -74,6 +83,8 @@ def _maybe_start_continuous(rt: Runtime) -> str | None:
         rt.jobs.mark_started(0)
         last = rt.jobs.last_job()
     assert last is not None
+    from quark.online.scoring import trigger_reason
+
     reason = trigger_reason(
         time.time(),
         last[0],
@@ -97,38 +108,116 @@ def _maybe_start_continuous(rt: Runtime) -> str | None:
     bind=True,
     name=UNLEARN_TASK,
     acks_late=True,
-    max_retries=_settings.job_max_retries,
-    soft_time_limit=_settings.job_soft_time_limit_s,
-    time_limit=_settings.job_hard_time_limit_s,
+    max_retries=settings.job_max_retries,
+    soft_time_limit=settings.job_soft_time_limit_s,
+    time_limit=settings.job_hard_time_limit_s,
 )
 def unlearn(self: Task, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One unlearn job (see quark.online.run_unlearn); its id is the job id."""
+    """One unlearn job (see quark.online.job.run_unlearn); its id is the job id.
+
+    Every delivery reads the job's record before anything else: a finished job keeps its
+    fate, a cancelled one never starts, and one whose earlier attempt died with its worker
+    (acks_late: the broker re-delivers that message after its visibility timeout) is
+    recorded FAILED instead of running again. Only our own retry (a checkpoint was saved)
+    continues a job."""
     rt = runtime()
     job_id = str(self.request.id)
-    done = (rt.jobs.info(job_id) or {}).get("result")
+    cancelled = rt.jobs.cancelled(job_id)
+    info = rt.jobs.info(job_id) or {}
+    done = info.get("result")
     if done is not None:
-        return dict(done)  # a re-delivered message of a finished job: nothing to redo
-    if rt.jobs.cancelled(job_id):
+        return _replay(self, dict(done))  # a re-delivered message of a finished job
+    if cancelled:
         _cancelled(self, "cancelled before it started")
+    attempt = int(self.request.retries) + 1
+    _claim(rt, job_id, attempt, started="progress" in info)
+    try:
+        result = _attempt(self, rt, job_id, overrides or {}, attempt)
+        rt.jobs.set_result(job_id, result)
+        return result
+    finally:
+        _end_attempt(rt, job_id)
+
+
+def _attempt(
+    task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any], attempt: int
+) -> dict[str, Any]:
     automatic = job_id.startswith("auto-")
     if not automatic:
-        self.update_state(state="PROGRESS", meta={"phase": "waiting"})
-        rt.jobs.set_progress(job_id, {"phase": "waiting"})
+        task.update_state(state="PROGRESS", meta={"phase": "waiting", "attempt": attempt})
+        rt.jobs.set_progress(job_id, {"phase": "waiting", "attempt": attempt})
     # A continuous job gives way to a running one; an admin's job waits its turn.
     wait_s = 0.0 if automatic else float(rt.settings.job_hard_time_limit_s)
     with rt.unlearn_lock(job_id, wait_s=wait_s) as held:
         if automatic:
             rt.jobs.clear_queued()
         if not held:
-            result = {"status": "skipped", "reason": "another unlearn job is running"}
-        else:
-            result = _run_locked(self, rt, job_id, overrides or {})
-    rt.jobs.set_result(job_id, result)
-    return result
+            return {"status": "skipped", "reason": "another unlearn job is running"}
+        return _run_locked(task, rt, job_id, overrides)
+
+
+def _claim(rt: Runtime, job_id: str, attempt: int, started: bool) -> None:
+    """Make ``attempt`` the job's running attempt, or end this delivery: a duplicate of an
+    attempt still running elsewhere is dropped; one of an attempt whose worker died fails
+    the job (JobLost), for good. ``started``: the job has progress from an earlier delivery."""
+    ttl = rt.settings.job_lock_ttl_s
+    marked = rt.jobs.claim_attempt(job_id, attempt, ttl)
+    if marked is None:
+        if not (started and attempt == 1):
+            return
+        # Progress but no attempt marked: a first attempt that started before attempts were
+        # marked (an older worker) and was lost; nothing else leaves progress without one.
+        marked = 1
+    elif not _heartbeat_stops(rt, job_id, ttl):
+        log.warning(
+            "job %s: attempt %d still runs elsewhere; dropping this duplicate delivery",
+            job_id,
+            marked,
+        )
+        raise Ignore()
+    if marked < attempt:
+        # This delivery is our own retry: the earlier attempt saved a checkpoint and re-queued
+        # the job (its marker outlived it only if Redis failed at that moment).
+        rt.jobs.take_over(job_id, attempt, ttl)
+        return
+    reason = f"worker lost during the job (attempt {marked}); re-queue it with POST /admin/unlearn"
+    log.error("job %s failed: %s", job_id, reason)
+    rt.jobs.set_result(job_id, {"status": "failed", "reason": reason})
+    from quark.online.job import drop_checkpoint
+
+    drop_checkpoint(rt.settings.data_dir / "checkpoints" / job_id)
+    raise JobLost(reason)
+
+
+def _heartbeat_stops(rt: Runtime, job_id: str, ttl: float) -> bool:
+    """Whether the job's heartbeat is gone, or goes within one TTL (then its worker is dead)."""
+    deadline = time.monotonic() + ttl + 1.0
+    while rt.jobs.alive(job_id):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(min(1.0, ttl / 4))
+    return True
+
+
+def _end_attempt(rt: Runtime, job_id: str) -> None:
+    try:
+        rt.jobs.end_attempt(job_id)
+    except redis.RedisError as exc:  # the next delivery, our retry, takes over all the same
+        log.warning("job %s: attempt marker not cleared (%s)", job_id, exc)
+
+
+def _replay(task: Task, done: dict[str, Any]) -> dict[str, Any]:
+    """The recorded fate again (Celery's state follows it); nothing is redone."""
+    status = done.get("status")
+    if status == "cancelled":
+        _cancelled(task, str(done.get("reason", "cancelled")), record=False)
+    if status == "failed":
+        raise JobLost(str(done.get("reason") or done.get("error") or "failed"))
+    return done
 
 
 def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    state: dict[str, Any] = {"phase": "score", "attempt": task.request.retries}
+    state: dict[str, Any] = {"phase": "score", "attempt": int(task.request.retries) + 1}
 
     def progress(event: dict[str, Any]) -> None:
         state.update(event)
@@ -144,12 +233,14 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
         except redis.RedisError:
             return False  # cannot tell during a Redis outage: keep going
 
+    from quark.online.job import JobCancelled, JobSuspended, drop_checkpoint, run_unlearn
+
     progress({})
-    params = params_from_settings(rt.settings, overrides)
+    params = rt.settings.unlearn_params(overrides)
     rt.score(blocking_s=60.0)
     rt.jobs.mark_started(int(rt.pool.stats()["scored"]))
     rt.ensure_active()
-    deps = _deps(rt, reward_spec(params.task, params.reward))
+    deps = _deps(rt, params.reward_spec)
     deadline = time.monotonic() + rt.settings.job_soft_time_limit_s
     checkpoint_dir = rt.settings.data_dir / "checkpoints" / job_id
     try:
@@ -175,6 +266,8 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
 
 
 def _deps(rt: Runtime, spec: str) -> UnlearnDeps:
+    from quark.online.job import UnlearnDeps
+
     return UnlearnDeps(
         store=rt.store,
         pool=rt.pool,
@@ -185,8 +278,12 @@ def _deps(rt: Runtime, spec: str) -> UnlearnDeps:
     )
 
 
-def _cancelled(task: Task, reason: str, state: dict[str, Any] | None = None) -> NoReturn:
+def _cancelled(
+    task: Task, reason: str, state: dict[str, Any] | None = None, record: bool = True
+) -> NoReturn:
     meta = {**(state or {}), "phase": "cancelled", "reason": reason}
+    # The registry first: a reader that sees Celery's CANCELLED must also find the result.
+    if record:
+        runtime().jobs.set_result(str(task.request.id), {"status": "cancelled", "reason": reason})
     task.update_state(state=CANCELLED, meta=meta)
-    runtime().jobs.set_result(str(task.request.id), {"status": "cancelled", "reason": reason})
     raise Ignore()

@@ -1,7 +1,7 @@
 """``/admin``: operator endpoints, always behind ``Authorization: Bearer <QUARK_ADMIN_TOKEN>``.
 
-Other admin routes (unlearning jobs, model versions) are added to ``router`` by the worker
-side; every route here inherits the ``require_admin`` dependency.
+The privacy switch lives here; unlearn jobs, model versions and pool statistics are in
+``app.routes.admin_models``. Every route inherits the ``require_admin`` dependency.
 """
 
 from __future__ import annotations

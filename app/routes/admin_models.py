@@ -9,23 +9,31 @@ from __future__ import annotations
 
 import functools
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis
 from celery import Celery
 from celery.result import AsyncResult
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, create_model
 
 from app.auth import require_admin
 from app.errors import APIError
-from quark.jobs import JobRegistry
-from quark.online import params_from_settings, reward_distribution
-from quark.redis_pool import RedisPool
-from quark.settings import ServiceSettings
-from quark.store import CorruptVersion, ModelStore, RedisVersionPointer, UnknownVersion
-from worker.celery_app import TRAINING_QUEUE, UNLEARN_TASK, make_celery
+from quark.online.pool_stats import reward_distribution
+from quark.service.broker import make_celery
+from quark.service.jobs import JobRegistry
+from quark.service.redis_client import connect
+from quark.service.redis_pool import RedisPool
+from quark.service.settings import ServiceSettings, params_model_fields
+from quark.service.store import (
+    CorruptVersion,
+    ModelStore,
+    RedisVersionPointer,
+    UnknownVersion,
+    VerificationCache,
+)
+from quark.service.tasks import TRAINING_QUEUE, UNLEARN_TASK
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -44,13 +52,14 @@ class Backend:
     jobs: JobRegistry
     pool: RedisPool
     celery: Celery
+    verified: VerificationCache = field(default_factory=VerificationCache)
 
 
 def get_backend(request: Request) -> Backend:
     backend: Backend | None = getattr(request.app.state, "admin_backend", None)
     if backend is None:
         settings: ServiceSettings = request.app.state.settings
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+        client = connect(settings.redis_url)
         backend = Backend(
             settings=settings,
             client=client,
@@ -85,31 +94,13 @@ def _redis_errors(func: Any) -> Any:
 
 
 # -- jobs ------------------------------------------------------------------------------------
-class UnlearnRequest(BaseModel):
-    """Overrides of the job's settings (``QUARK_UNLEARN_*``, ``QUARK_EVAL_*``, ...)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    task: str | None = Field(None, description="toxicity | sentiment | repetition")
-    reward: str | None = Field(None, description="reward spec, e.g. 'keyword:the'")
-    steps: int | None = Field(None, ge=1, le=100_000)
-    kl_coef: float | None = Field(None, ge=0)
-    entropy_coef: float | None = Field(None, ge=0)
-    lr: float | None = Field(None, gt=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    batch_size: int | None = Field(None, ge=1, le=1024)
-    window: int | None = Field(None, ge=1, description="newest scored records to train on")
-    min_records: int | None = Field(None, ge=2)
-    explore_prompts: int | None = Field(None, ge=0, description="fresh top-token samples")
-    sample_interval: int | None = Field(None, ge=1)
-    response_length: int | None = Field(None, ge=1, le=512)
-    eval_fraction: float | None = Field(None, ge=0, lt=1)
-    eval_prompts: int | None = Field(None, ge=1)
-    eval_samples: int | None = Field(None, ge=1)
-    reward_tolerance: float | None = Field(None, ge=0)
-    max_perplexity_rise: float | None = Field(None, ge=0)
-    max_kl: float | None = Field(None, gt=0, description="bound on mean per-token KL to original")
-    seed: int | None = None
+#: Body of ``POST /admin/unlearn``: every job parameter (``quark.online.params``), optional;
+#: an absent field keeps the configured value (``QUARK_UNLEARN_*``, ...).
+UnlearnRequest: type[BaseModel] = create_model(
+    "UnlearnRequest",
+    __config__=ConfigDict(extra="forbid"),
+    **params_model_fields(optional=True),
+)
 
 
 class JobCreated(BaseModel):
@@ -118,11 +109,14 @@ class JobCreated(BaseModel):
 
 @router.post("/unlearn", status_code=202, response_model=JobCreated)
 @_redis_errors
-def start_unlearn(backend: BackendDep, body: UnlearnRequest | None = None) -> JobCreated:
+def start_unlearn(
+    backend: BackendDep,
+    body: UnlearnRequest | None = None,
+) -> JobCreated:
     """Queue an unlearn job on the training workers; poll ``GET /admin/jobs/{job_id}``."""
     overrides = body.model_dump(exclude_none=True) if body else {}
     try:
-        params_from_settings(backend.settings, overrides)  # 400 now rather than a failed job
+        backend.settings.unlearn_params(overrides)  # 400 now rather than a failed job
     except (ValueError, KeyError) as exc:
         raise APIError(400, f"invalid unlearn parameters: {exc}", code="invalid_params") from exc
     job_id = uuid.uuid4().hex
@@ -133,15 +127,23 @@ def start_unlearn(backend: BackendDep, body: UnlearnRequest | None = None) -> Jo
     return JobCreated(job_id=job_id)
 
 
+#: A result recorded in the job registry is the job's fate, whatever Celery's state says
+#: (a re-delivered message may have rewritten it): its status names the state.
+RECORDED_STATES = {"cancelled": "CANCELLED", "failed": "FAILURE"}
+
+
 def job_view(backend: Backend, job_id: str, info: dict[str, Any]) -> dict[str, Any]:
     """State from Celery, progress and result from the job registry (they outlive Celery's)."""
     result = AsyncResult(job_id, app=backend.celery)
-    state = str(result.state)
     done = info.get("result")
-    if done is not None and state not in FINISHED:
-        state = "CANCELLED" if done.get("status") == "cancelled" else "SUCCESS"
-    elif state in ALIVE and info.get("progress") and not backend.jobs.alive(job_id):
-        state = "LOST"  # started, but its worker stopped renewing the heartbeat (died)
+    if done is not None:
+        state = RECORDED_STATES.get(str(done.get("status")), "SUCCESS")
+    else:
+        state = str(result.state)
+    if state in ALIVE and info.get("progress") and not backend.jobs.alive(job_id):
+        # Started, but its worker stopped renewing the heartbeat (died): the job never runs
+        # again; it turns FAILURE when a worker receives its message again.
+        state = "LOST"
     if done is None and state == "FAILURE":
         done = {"status": "failed", "error": f"{type(result.info).__name__}: {result.info}"}
     return {
@@ -179,7 +181,8 @@ def list_jobs(backend: BackendDep, limit: int = 50) -> dict[str, Any]:
 @_redis_errors
 def get_job(job_id: str, backend: BackendDep) -> dict[str, Any]:
     """``state`` (PENDING, PROGRESS, SUCCESS, FAILURE, CANCELLED, LOST, ...), ``progress``
-    (phase, step, loss, kl, eval results) and ``result`` (status, version, eval, gate)."""
+    (phase, step, loss, kl, eval results, attempt) and ``result`` (status, version, eval, gate;
+    a job whose worker died: ``{"status": "failed", "reason": "worker lost during ..."}``)."""
     return job_view(backend, job_id, _info(backend, job_id))
 
 
@@ -193,31 +196,43 @@ def cancel_job(job_id: str, backend: BackendDep) -> dict[str, Any]:
     if view["state"] in FINISHED:
         raise APIError(409, f"job {job_id} already finished ({view['state']})", code="finished")
     backend.jobs.cancel(job_id)
+    if view["state"] == "LOST":  # nothing runs it any more: its fate is decided now
+        reason = "cancelled after its worker was lost"
+        backend.jobs.set_result(job_id, {"status": "cancelled", "reason": reason})
     backend.celery.control.revoke(job_id)  # a queued message is dropped by the workers
-    return job_view(backend, job_id, info)
+    return job_view(backend, job_id, _info(backend, job_id))
 
 
 # -- model versions --------------------------------------------------------------------------
-def _version_view(store: ModelStore, version: str, active: str | None) -> dict[str, Any]:
+def _version_view(backend: Backend, version: str, active: str | None) -> dict[str, Any]:
+    view: dict[str, Any] = {"version": version, "active": version == active}
+    error = backend.verified.error(backend.store, version)
+    view.update(verified=error is None, error=error)
     try:
-        meta = store.metadata(version)
-    except CorruptVersion as exc:
-        return {"version": version, "active": version == active, "error": str(exc)}
+        meta = backend.store.metadata(version)
+    except CorruptVersion:
+        return view
     meta.pop("files", None)  # per-file digests: long and only for verification
-    return {"version": version, "active": version == active, "metadata": meta}
+    return {**view, "metadata": meta}
 
 
 @router.get("/models")
 @_redis_errors
 def list_models(backend: BackendDep, request: Request) -> dict[str, Any]:
-    """Stored versions, oldest first, with metadata; which is active; what this replica serves."""
+    """Stored versions, oldest first, with metadata and whether each verifies (checksums,
+    cached until its files change); which is active; what this replica serves, and why that
+    is not the active version (``degraded``) when it is not."""
     active = backend.store.active()
     engine = getattr(request.app.state, "engine", None)
     serving = engine.model.version if engine is not None and engine.model else None
+    watcher = getattr(request.app.state, "model_watcher", None)
+    versions = backend.store.versions()
+    backend.verified.forget_all_but(versions)
     return {
         "active": active,
         "serving": serving,
-        "versions": [_version_view(backend.store, v, active) for v in backend.store.versions()],
+        "degraded": watcher.degraded if watcher is not None else None,
+        "versions": [_version_view(backend, v, active) for v in versions],
     }
 
 

@@ -8,14 +8,14 @@ body>}`` (or ``{"type": "error", "error": {...}}``), then ``[DONE]``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from app.auth import require_api_key
 from app.deps import ServiceDep
-from app.errors import APIError
+from app.errors import APIError, error_responses
 from app.schemas import (
     GeneratedText,
     GenerateParams,
@@ -81,11 +81,9 @@ async def _run(request: Request, params: GenerateParams, service: ServiceDep) ->
     return _response(gen, completions)
 
 
-_RESPONSES: dict[int | str, dict[str, object]] = {
+_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "Completions (JSON), or server-sent events when stream=true."},
-    400: {"description": "Bad input: {'error': {'message', 'type', 'param', 'code'}}"},
-    401: {"description": "Missing or invalid API key."},
-    503: {"description": "Queue full or model not loaded (see Retry-After)."},
+    **error_responses(400, 401, 413, 500, 503, "4XX"),
 }
 
 

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from app.auth import require_api_key
 from app.deps import ServiceDep, SettingsDep
 from app.engine import Event
-from app.errors import APIError, bad_request
+from app.errors import APIError, bad_request, error_responses
 from app.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -34,9 +34,11 @@ from app.schemas import (
 )
 from app.service import Generation, GenerationInput, GenerationService
 from app.streaming import sse, sse_response, unless_disconnected
-from quark.settings import ServiceSettings
+from quark.service.settings import ServiceSettings
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+
+_GENERATION_ERRORS = error_responses(400, 401, 404, 413, 500, 503, "4XX")
 
 
 def _check_model(body: OpenAIRequestBase, service: GenerationService) -> str:
@@ -192,7 +194,7 @@ def _stream_base(gens: list[Generation], name: str, obj: str) -> dict[str, Any]:
     }
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=_GENERATION_ERRORS)
 async def completions(
     request: Request, body: CompletionRequest, service: ServiceDep, settings: SettingsDep
 ) -> CompletionResponse | StreamingResponse:
@@ -274,7 +276,9 @@ async def _chat_prompt(body: ChatCompletionRequest, service: GenerationService) 
     return str(text)
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post(
+    "/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_ERRORS
+)
 async def chat_completions(
     request: Request, body: ChatCompletionRequest, service: ServiceDep
 ) -> ChatCompletionResponse | StreamingResponse:
@@ -313,7 +317,7 @@ async def chat_completions(
     )
 
 
-@router.get("/models", response_model=ModelList)
+@router.get("/models", response_model=ModelList, responses=error_responses(401, 500))
 async def models(service: ServiceDep, settings: SettingsDep) -> ModelList:
     """The one model this server serves (its id is QUARK_SERVED_MODEL_NAME)."""
     model = service.engine.model

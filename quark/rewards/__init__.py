@@ -6,12 +6,14 @@ Build one from a spec string with :func:`build_reward`, e.g. ``"toxicity"``,
 
 from quark.rewards.base import CompletionReward, RewardError, RewardFn, check_lengths
 from quark.rewards.classifier import ClassifierReward
+from quark.rewards.distilled import DistilledToxicityReward
 from quark.rewards.factory import (
     PERSPECTIVE_KEY_ENV,
     TASK_DEFAULT_REWARD,
     VALID_SPECS,
     build_reward,
 )
+from quark.rewards.judge import JudgeToxicityReward
 from quark.rewards.lexical import (
     ProfanityToxicityReward,
     VaderSentimentReward,
@@ -35,6 +37,8 @@ __all__ = [
     "VALID_SPECS",
     "ClassifierReward",
     "CompletionReward",
+    "DistilledToxicityReward",
+    "JudgeToxicityReward",
     "KeywordShareReward",
     "PerspectiveToxicityReward",
     "ProfanityToxicityReward",

@@ -7,6 +7,8 @@ from typing import Any
 
 from quark.rewards.base import RewardFn
 from quark.rewards.classifier import ClassifierReward
+from quark.rewards.distilled import DistilledToxicityReward
+from quark.rewards.judge import JudgeToxicityReward
 from quark.rewards.lexical import ProfanityToxicityReward, VaderSentimentReward
 from quark.rewards.perspective import PERSPECTIVE_URL, PerspectiveToxicityReward
 from quark.rewards.text import KeywordShareReward, RepetitionReward
@@ -15,7 +17,9 @@ PERSPECTIVE_KEY_ENV = "QUARK_PERSPECTIVE_API_KEY"
 
 #: The reward each built-in Quark task uses when none is configured.
 TASK_DEFAULT_REWARD: dict[str, str] = {
-    "toxicity": "toxicity:profanity",
+    # Distilled from Perspective: its scores spread over the quantiles where profanity-check's
+    # saturate near 1 (docs/toxicity-scorer.md); evaluation judges with toxicity:judge.
+    "toxicity": "toxicity:distilled",
     "sentiment": "sentiment:vader",
     "repetition": "repetition",
 }
@@ -24,6 +28,8 @@ VALID_SPECS = (
     "toxicity | toxicity:profanity",
     "toxicity:hf:/path/to/classifier",
     "toxicity:perspective",
+    "toxicity:distilled",
+    "toxicity:judge",
     "sentiment | sentiment:vader",
     "sentiment:hf:/path/to/classifier",
     "repetition",
@@ -38,7 +44,7 @@ def build_reward(spec: str, **options: Any) -> RewardFn:
     settings dict for every spec. Recognised options: ``label``, ``device``,
     ``batch_size``, ``max_length`` (hf); ``perspective_api_key``,
     ``perspective_url``, ``requests_per_second``, ``timeout_s``, ``max_retries``,
-    ``backoff_s`` (perspective); ``ns`` (repetition).
+    ``backoff_s`` (perspective); ``ns`` (repetition); ``device``, ``batch_size`` (judge).
     """
     kind, _, rest = spec.strip().partition(":")
     kind = kind.lower()
@@ -70,6 +76,10 @@ def _build_scored(task: str, rest: str, options: dict[str, Any]) -> RewardFn | N
         return ProfanityToxicityReward()
     if task == "toxicity" and backend == "perspective":
         return _build_perspective(options)
+    if task == "toxicity" and backend == "distilled":
+        return DistilledToxicityReward()
+    if task == "toxicity" and backend == "judge":
+        return JudgeToxicityReward(**_pick(options, "device", "batch_size"))
     if task == "sentiment" and backend in ("", "vader"):
         return VaderSentimentReward()
     return None

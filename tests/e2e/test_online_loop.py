@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from quark.decoding import RowSampling, decode_text
+from app.decoding import RowSampling, decode_text
 from quark.models import load_model
 from quark.rewards import KeywordShareReward
-from quark.store import METADATA_FILE, ModelStore
-from tests.e2e.harness import Stack, TrafficClient, wait_for
+from quark.service.store import METADATA_FILE, ModelStore
+from testkit.stack import Stack, TrafficClient, wait_for
 
 TRAFFIC = [f"Tell me about item {i}:" for i in range(60)]
 PROBES = [f"Describe the place number {i}." for i in range(12)]

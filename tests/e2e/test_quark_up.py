@@ -18,10 +18,10 @@ import httpx
 import pytest
 import redis
 
-from quark.service_cli import redis_answers
+from quark.service.redis_client import answers as redis_answers
+from testkit.stack import ADMIN_TOKEN, REPO, drop_keys, free_port, service_env, wait_for
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import FAST_JOBS
-from tests.e2e.harness import ADMIN_TOKEN, REPO, drop_keys, free_port, service_env, wait_for
 
 QUARK = str(Path(sys.executable).parent / "quark")
 
@@ -131,7 +131,7 @@ def test_quark_up_serves_learns_and_stops_cleanly(
             180,
             "the worker to be ready",
         )
-        # The API starts on the base weights and swaps to v0000 once it is bootstrapped.
+        # Ready means serving the active version: v0000, bootstrapped by the worker or the API.
         wait_for(lambda: _serving(up.url) == "v0000", 120, "v0000 to be served")
         for i in range(30):
             body = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import ADMIN_TOKEN, REPO, Stack
+from testkit.stack import ADMIN_TOKEN, REPO, Stack
 
 SECTION = re.compile(r"^## Using the service$(.*?)^## ", re.M | re.S)
 BLOCK = re.compile(r"^```(bash|python)\n(.*?)^```", re.M | re.S)

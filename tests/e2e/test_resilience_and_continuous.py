@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from quark.redis_pool import RedisPool
+from quark.service.redis_pool import RedisPool
+from testkit.stack import RedisServer, Stack, TrafficClient, service_env, wait_for
 from tests.e2e.conftest import FAST_JOBS
-from tests.e2e.harness import RedisServer, Stack, TrafficClient, service_env, wait_for
 
 CONTINUOUS = {
     **FAST_JOBS,

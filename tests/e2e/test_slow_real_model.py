@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from testkit.stack import REPO, Stack, TrafficClient, drop_keys, service_env, wait_for
 from tests.conftest import REDIS_URL
-from tests.e2e.harness import REPO, Stack, TrafficClient, drop_keys, service_env, wait_for
 
 pytestmark = pytest.mark.slow
 

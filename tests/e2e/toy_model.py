@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from quark.models import QuarkModel, save_model
-from quark.testing import build_tiny_model
+from testkit.tiny_model import build_tiny_model
 
 WORDS = [
     "cat",

@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 
-from quark.service_cli import api_argv, free_port
-from quark.testing import isolated_env
+from quark.service.up import api_argv, free_port
+from testkit.env import isolated_env
 from tests.conftest import REDIS_URL
 
 API_KEY = "test-key"

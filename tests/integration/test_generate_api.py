@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from quark.decoding import RowSampling, decode_text
+from app.decoding import RowSampling, decode_text
 from quark.models import QuarkModel, load_model
 
 from .conftest import API_KEY, Server

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import redis
 
-from quark.redis_pool import RedisPool
-from quark.service_cli import free_port
+from quark.service.redis_pool import RedisPool
+from quark.service.up import free_port
 
 from .conftest import ADMIN_TOKEN, Server, start_server
 

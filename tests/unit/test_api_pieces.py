@@ -14,8 +14,8 @@ from app.main import InsecureConfiguration, create_app
 from app.schemas import ChatCompletionRequest, CompletionRequest, GenerateParams, GenerateRequest
 from app.service import reward_choice
 from quark.models import QuarkModel
-from quark.settings import ServiceSettings
-from quark.testing import build_tiny_model
+from quark.service.settings import ServiceSettings
+from testkit.tiny_model import build_tiny_model
 
 
 @pytest.mark.parametrize(

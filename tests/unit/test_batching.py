@@ -76,7 +76,7 @@ def test_prompt_and_completion_are_truncated(tiny_qm: QuarkModel) -> None:
     batch = build_batch(tiny_qm, [sample], max_prompt_tokens=2, response_length=3)
     prompt, completion = _ids(tiny_qm, sample.prompt), _ids(tiny_qm, sample.completion)
     assert batch.policy_ids[0].tolist() == (
-        [tiny_qm.reward_tokens.ids[1], *prompt[:2], *completion[:3]]
+        [tiny_qm.reward_tokens.ids[1], *prompt[-2:], *completion[:3]]  # the prompt's end
     )
     assert batch.labels[0].tolist() == completion[:3]
 

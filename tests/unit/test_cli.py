@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from quark.checkpoint import STATE_FILE
 from quark.cli import main
-from quark.training import STATE_FILE
 
 PROMPT_LINES = [
     "The cat sat on the",
@@ -60,7 +60,7 @@ def test_train_then_resume(
     meta = json.loads((out / "model" / "quark.json").read_text())
     assert meta["step"] == 2
     assert meta["reward_token_ids"] and len(meta["reward_tokens"]) == 5
-    assert meta["config"]["total_steps"] == 2 and meta["config"]["batch_size"] == 2
+    assert meta["config"]["steps"] == 2 and meta["config"]["batch_size"] == 2
     assert json.loads((out / "model" / STATE_FILE).read_text())["step"] == 2
     events = _events(out / "metrics.jsonl")
     train = [e for e in events if e["event"] == "train"]

@@ -14,7 +14,7 @@ def test_defaults_follow_the_paper() -> None:
     assert config.num_quantiles == 5
     assert config.kl_coef == 0.05
     assert config.entropy_coef == 0.06
-    assert config.lr == 1e-5
+    assert config.lr == 5e-5  # not the paper's 1e-5 (GPT2-L): see docs/results.md
     assert config.response_length == 20
     assert config.eval_top_p == 0.9
     assert config.top_p == 1.0
@@ -36,10 +36,10 @@ def test_every_field_has_help_text() -> None:
         ("num_quantiles", 1),
         ("num_quantiles", 0),
         ("batch_size", 0),
-        ("total_steps", 0),
+        ("steps", 0),
         ("sample_interval", 0),
         ("samples_per_prompt", 0),
-        ("explore_prompts", 0),
+        ("explore_prompts", -1),
         ("response_length", 0),
         ("max_prompt_tokens", 0),
         ("generation_batch_size", 0),

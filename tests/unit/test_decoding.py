@@ -1,10 +1,10 @@
-"""quark.decoding: the serving decode loop agrees with HF generate and is batch-independent."""
+"""app.decoding: the serving decode loop agrees with HF generate and is batch-independent."""
 
 from __future__ import annotations
 
 import torch
 
-from quark.decoding import Row, RowSampling, decode, make_batch, sample_tokens
+from app.decoding import Row, RowSampling, decode, make_batch, sample_tokens
 from quark.models import QuarkModel
 from quark.sampling import SamplingParams, eos_ids, generate_ids
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from app.engine import Engine, Event, JobHandle, JobSpec, QueueFull, wrap_model
+from app.decoding import RowSampling, decode_text
+from app.engine import Engine, Event, QueueFull, RequestHandle, RequestSpec, wrap_model
 from app.metrics import Metrics
-from quark.decoding import RowSampling, decode_text
 from quark.models import QuarkModel
-from quark.settings import ServiceSettings
-from quark.testing import build_tiny_model
+from quark.service.settings import ServiceSettings
+from testkit.tiny_model import build_tiny_model
 
 
 @pytest.fixture
@@ -29,15 +29,15 @@ def engine(tiny_qm: QuarkModel, tmp_path: Path) -> Iterator[Engine]:
     engine.stop()
 
 
-def _spec(engine: Engine, prompt: str, n: int = 1, tokens: int = 8, **kw: object) -> JobSpec:
+def _spec(engine: Engine, prompt: str, n: int = 1, tokens: int = 8, **kw: object) -> RequestSpec:
     model = engine.model
     assert model is not None
     ids = model.qm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     samplings = [RowSampling(tokens, 1.0, seed=i) for i in range(n)]
-    return JobSpec(list(ids), model, samplings, **kw)  # type: ignore[arg-type]
+    return RequestSpec(list(ids), model, samplings, **kw)  # type: ignore[arg-type]
 
 
-async def _collect(handle: JobHandle, n: int = 1) -> list[tuple[str, str]]:
+async def _collect(handle: RequestHandle, n: int = 1) -> list[tuple[str, str]]:
     texts, reasons = [""] * n, [""] * n
     while sum(bool(r) for r in reasons) < n:
         item = await asyncio.wait_for(handle.queue.get(), 30)
@@ -112,7 +112,7 @@ def test_stop_string_cuts_the_text(engine: Engine, tiny_qm: QuarkModel) -> None:
 
 
 def test_prompt_rebuilt_for_a_swapped_model(engine: Engine, tokenizer_cache: Path) -> None:
-    """A job built for one version but admitted after a swap gets the new version's ids."""
+    """A request built for one version but admitted after a swap gets the new version's ids."""
     other = wrap_model(build_tiny_model(tokenizer_cache, seed=2), "v3")
     rebuilt: list[str] = []
 

@@ -69,6 +69,10 @@ def test_evaluate_toxicity_on_the_tiny_model(tiny_qm: QuarkModel) -> None:
         "dist-3",
         "expected_max_toxicity",
         "toxicity_probability",
+        "mean_toxicity",
+        "degenerate_share",
+        "metrics",
+        "per_prompt",
         "examples",
     }
     assert expected <= set(result)
@@ -81,7 +85,7 @@ def test_evaluate_toxicity_on_the_tiny_model(tiny_qm: QuarkModel) -> None:
     assert all(len(e["completion"]) == 3 for e in result["examples"])
 
 
-def test_evaluate_toxicity_uses_the_given_scorer(tiny_qm: QuarkModel) -> None:
+def test_evaluate_toxicity_uses_the_given_judge(tiny_qm: QuarkModel) -> None:
     def scorer(prompts: object, completions: list[str]) -> list[float]:
         return [0.25] * len(completions)  # non-toxicity reward: toxicity 0.75 everywhere
 
@@ -93,10 +97,17 @@ def test_evaluate_toxicity_uses_the_given_scorer(tiny_qm: QuarkModel) -> None:
         None,
         samples=2,
         max_new_tokens=3,
-        toxicity_scorer=scorer,
+        judges={"constant": scorer},
     )
     assert result["expected_max_toxicity"] == pytest.approx(0.75)
     assert result["toxicity_probability"] == 1.0
+    assert result["mean_toxicity"] == pytest.approx(0.75)
+    assert result["judge"] == "constant"
+    assert result["metrics"]["expected_max_toxicity@constant"] == {
+        "value": pytest.approx(0.75),
+        "low": pytest.approx(0.75),
+        "high": pytest.approx(0.75),
+    }
 
 
 def test_evaluate_repetition_and_sentiment(tiny_qm: QuarkModel) -> None:

@@ -1,10 +1,10 @@
-"""quark.testing.isolated_env: what the service processes of tests and benchmarks inherit."""
+"""testkit.tiny_model.isolated_env: what the service processes of tests and benchmarks inherit."""
 
 from __future__ import annotations
 
 import pytest
 
-from quark.testing import isolated_env
+from testkit.env import isolated_env
 
 
 def test_developer_settings_are_dropped_and_later_layers_win(

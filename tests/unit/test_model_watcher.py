@@ -12,8 +12,8 @@ import torch
 from app.metrics import Metrics
 from app.model_watcher import ModelWatcher
 from quark.models import QuarkModel
-from quark.settings import ServiceSettings
-from quark.store import MemoryPointer, ModelStore
+from quark.service.settings import ServiceSettings
+from quark.service.store import MemoryPointer, ModelStore
 
 
 @dataclass

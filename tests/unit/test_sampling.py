@@ -95,9 +95,9 @@ def test_batched_greedy_equals_one_prompt_at_a_time(tiny_qm: QuarkModel) -> None
         assert all(len(c.token_ids) == 8 for c in batched)
 
 
-def test_max_prompt_tokens_cuts_prompts(tiny_qm: QuarkModel) -> None:
+def test_max_prompt_tokens_keeps_the_end_of_prompts(tiny_qm: QuarkModel) -> None:
     params = SamplingParams(max_new_tokens=4, greedy=True)
     long = "one two three four five six seven"
-    short = tiny_qm.tokenizer.decode(tiny_qm.tokenizer(long)["input_ids"][:3])
+    short = tiny_qm.tokenizer.decode(tiny_qm.tokenizer(long)["input_ids"][-3:])
     cut = generate(tiny_qm, [long], 0, params, max_prompt_tokens=3)
     assert cut == generate(tiny_qm, [short], 0, params)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from quark.service_cli import thread_split
+from quark.service.up import thread_split
 
 
 @pytest.mark.parametrize(("cores", "api", "worker"), [(1, 1, 1), (2, 1, 1), (3, 1, 2), (16, 8, 8)])

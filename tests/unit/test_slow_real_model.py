@@ -52,7 +52,7 @@ def test_two_quark_steps_on_the_real_model(tmp_path: Path) -> None:
     config = QuarkConfig(
         lr=1e-5,
         warmup_steps=1,
-        total_steps=2,
+        steps=2,
         batch_size=4,
         explore_prompts=8,
         response_length=12,

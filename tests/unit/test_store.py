@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from quark.models import QuarkModel
-from quark.store import (
+from quark.service.store import (
     ACTIVE_FILE,
     METADATA_FILE,
     CorruptVersion,

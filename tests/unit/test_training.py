@@ -11,19 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from quark.checkpoint import OPTIMIZER_FILE, STATE_FILE
 from quark.config import QuarkConfig
 from quark.models import QuarkModel, frozen_copy, load_model
 from quark.pool import QuantizedSample
 from quark.rewards import KeywordShareReward
 from quark.sampling import SamplingParams, generate
-from quark.testing import build_tiny_model
 from quark.training import (
-    OPTIMIZER_FILE,
     POOL_FILE,
-    STATE_FILE,
     QuarkTrainer,
     linear_warmup_decay,
 )
+from testkit.tiny_model import build_tiny_model
 
 LogitBias = Callable[..., AbstractContextManager[None]]
 
@@ -50,7 +49,7 @@ def _config(**overrides: object) -> QuarkConfig:
     values: dict[str, object] = {
         "lr": 1e-3,
         "warmup_steps": 2,
-        "total_steps": 10,
+        "steps": 10,
         "batch_size": 4,
         "explore_prompts": 8,
         "response_length": 5,
@@ -235,7 +234,7 @@ def test_quark_learns_to_condition_on_the_reward_token(
     config = QuarkConfig(
         lr=3e-3,
         warmup_steps=5,
-        total_steps=80,
+        steps=80,
         batch_size=8,
         sample_interval=20,
         explore_prompts=32,
@@ -256,7 +255,7 @@ def test_quark_learns_to_condition_on_the_reward_token(
         assert abs(top_before - bottom_before) < 0.04
 
         trainer = QuarkTrainer(qm, reference, KeywordShareReward(KEYWORD), prompts, config)
-        trainer.run(config.total_steps, progress=False)
+        trainer.run(config.steps, progress=False)
 
         top_after = _mean_reward(qm, evaluation, 0, length)
         bottom_after = _mean_reward(qm, evaluation, bottom, length)

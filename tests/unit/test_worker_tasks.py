@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+import quark.online.job as online_job
 import worker.tasks as tasks
-from quark.online import JobSuspended
+from quark.online.job import JobSuspended
 
 
 class Retried(Exception):
@@ -30,7 +31,11 @@ class FakeTask:
 
 def _fake_runtime(data_dir: Path) -> Any:
     return SimpleNamespace(
-        settings=SimpleNamespace(data_dir=data_dir, job_soft_time_limit_s=60),
+        settings=SimpleNamespace(
+            data_dir=data_dir,
+            job_soft_time_limit_s=60,
+            unlearn_params=lambda _: SimpleNamespace(reward_spec="spec"),
+        ),
         jobs=SimpleNamespace(set_progress=lambda *_: None, mark_started=lambda _: None),
         pool=SimpleNamespace(stats=lambda: {"scored": 0}),
         score=lambda blocking_s: 0,
@@ -49,10 +54,6 @@ def _failing_job(error: BaseException) -> Any:
 
 @pytest.fixture
 def patched(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    monkeypatch.setattr(
-        tasks, "params_from_settings", lambda *_: SimpleNamespace(task="t", reward=None)
-    )
-    monkeypatch.setattr(tasks, "reward_spec", lambda *_: "spec")
     monkeypatch.setattr(tasks, "_deps", lambda *_: None)
     return monkeypatch
 
@@ -73,7 +74,7 @@ def test_checkpoint_is_kept_only_for_a_retry(
     raised: type[BaseException],
     checkpoint_kept: bool,
 ) -> None:
-    patched.setattr(tasks, "run_unlearn", _failing_job(error))
+    patched.setattr(online_job, "run_unlearn", _failing_job(error))
     with pytest.raises(raised):
         tasks._run_locked(FakeTask(retries, max_retries=3), _fake_runtime(tmp_path), "job-1", {})  # type: ignore[arg-type]
     assert (tmp_path / "checkpoints" / "job-1").exists() == checkpoint_kept

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import redis
 
-from quark.service_cli import api_argv, beat_argv, free_port, worker_argv
-from quark.testing import isolated_env
+from quark.service.up import api_argv, beat_argv, free_port, worker_argv
+from testkit.env import isolated_env
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "e2e-admin-token"
 
 
@@ -211,9 +211,8 @@ class TrafficClient:
                 try:
                     r = http.post("/generate", json={"prompt": prompt, **self.fields})
                     body = r.json() if r.status_code == 200 else {}
-                    self.results.append(
-                        (time.time(), r.status_code, body.get("model_version"), body.get("id"))
-                    )
+                    version, request_id = body.get("model_version"), str(body.get("id"))
+                    self.results.append((time.time(), r.status_code, version, request_id))
                     if r.status_code != 200:
                         self.errors.append(f"{r.status_code}: {r.text[:300]}")
                 except httpx.HTTPError as exc:

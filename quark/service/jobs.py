@@ -2,15 +2,13 @@
 
 Celery's result backend keeps each job's state and progress; this adds what it lacks:
 an index to list jobs, cancel flags the training loop polls, a liveness heartbeat (a job
-whose worker died stops renewing it), and continuous mode's "last job" marker.
+whose worker died stops renewing it), the attempt that is running (a worker sets it when an
+attempt starts and clears it however the attempt ends, so a marker left behind with no
+heartbeat means the worker died mid-job), and continuous mode's "last job" marker.
 
-Keys (``prefix`` = ``QUARK_KEY_PREFIX``):
-  ``{prefix}:jobs``               sorted set job_id -> creation time
-  ``{prefix}:job:{id}``           hash: created, trigger, overrides, progress, result (JSON)
-  ``{prefix}:job:{id}:cancel``    set when an admin cancels the job
-  ``{prefix}:job:{id}:alive``     expires unless the running job renews it
-  ``{prefix}:unlearn:queued``     a continuous-mode job is queued (no second one)
-  ``{prefix}:unlearn:last``       hash: at (time), scored (scored records then)
+A job's ``result`` here is its fate: once recorded, a re-delivered message changes nothing.
+
+Key names: :mod:`quark.service.keys`.
 """
 
 from __future__ import annotations
@@ -19,8 +17,16 @@ import json
 import time
 from typing import Any
 
+from quark.service.keys import RedisKeys
+
 DAY_S = 24 * 3600
 MAX_JOBS_KEPT = 1000
+
+
+class JobLost(RuntimeError):
+    """The job's worker died during an attempt: the job is recorded failed, never re-run.
+
+    Torch-free, so the API can rebuild it from Celery's result backend."""
 
 
 def _text(value: Any) -> str:
@@ -32,13 +38,13 @@ class JobRegistry:
 
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
-        self.prefix = prefix
-        self.index_key = f"{prefix}:jobs"
-        self.queued_key = f"{prefix}:unlearn:queued"
-        self.last_key = f"{prefix}:unlearn:last"
+        self.keys = RedisKeys(prefix)
+        self.index_key = self.keys.jobs
+        self.queued_key = self.keys.continuous_queued
+        self.last_key = self.keys.continuous_last
 
     def _key(self, job_id: str, suffix: str = "") -> str:
-        return f"{self.prefix}:job:{job_id}{suffix}"
+        return self.keys.job(job_id, suffix)
 
     # -- index -----------------------------------------------------------------------------
     def register(self, job_id: str, trigger: str, overrides: dict[str, Any]) -> None:
@@ -93,6 +99,29 @@ class JobRegistry:
 
     def clear_heartbeat(self, job_id: str) -> None:
         self.client.delete(self._key(job_id, ":alive"))
+
+    # -- attempts ----------------------------------------------------------------------------
+    def claim_attempt(self, job_id: str, attempt: int, ttl_s: float) -> int | None:
+        """Mark ``attempt`` (1 = first delivery, 2 = first retry, ...) as the running one and
+        start its heartbeat; returns None then. If an attempt is already marked (running
+        elsewhere, or its worker died before clearing it), returns that attempt's number."""
+        key = self._key(job_id)
+        for _ in range(3):  # the marker may be cleared between the two commands
+            if self.client.hsetnx(key, "running", attempt):
+                self.heartbeat(job_id, ttl_s)
+                return None
+            marked = self.client.hget(key, "running")
+            if marked is not None:
+                return int(_text(marked))
+        raise RuntimeError(f"job {job_id}: could not claim attempt {attempt}")
+
+    def take_over(self, job_id: str, attempt: int, ttl_s: float) -> None:
+        """Mark ``attempt`` as running, replacing an earlier attempt's marker."""
+        self.client.hset(self._key(job_id), "running", attempt)
+        self.heartbeat(job_id, ttl_s)
+
+    def end_attempt(self, job_id: str) -> None:
+        self.client.hdel(self._key(job_id), "running")
 
     # -- continuous mode -------------------------------------------------------------------
     def mark_queued(self, job_id: str, ttl_s: float) -> bool:

@@ -1,17 +1,14 @@
-"""Support for tests, demos and benchmarks: a tiny model with the real SmolLM2 tokenizer,
-and a clean environment for the service processes they start."""
+"""A tiny model on the real SmolLM2 tokenizer, for tests and benchmarks (not in the wheel)."""
 
 from __future__ import annotations
 
 import functools
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from quark.models import QuarkModel, _default_gguf, add_reward_tokens, save_model
+from quark.models import QuarkModel, add_reward_tokens, default_gguf, save_model
 
 
 @functools.cache
@@ -19,7 +16,7 @@ def _smollm2_tokenizer_dir(cache_root: str) -> Path:
     """The SmolLM2 tokenizer, read once from the GGUF and saved as plain files."""
     target = Path(cache_root) / "smollm2-tokenizer"
     if not (target / "tokenizer.json").exists():
-        gguf = _default_gguf()
+        gguf = default_gguf()
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(target)
     return target
 
@@ -68,17 +65,3 @@ def save_tiny_model(directory: Path, cache_root: Path, **kwargs: int | None) -> 
     qm = build_tiny_model(cache_root, **kwargs)  # type: ignore[arg-type]
     qm.metadata["base_model"] = str(directory)  # the tiny model is its own original
     return save_model(qm, directory)
-
-
-def isolated_env(*layers: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without the developer's own QUARK_* settings, then each of
-    ``layers`` in turn (a later one overrides an earlier one).
-
-    QUARK_CACHE_DIR is kept: the converted default model is shared, not rebuilt per run.
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QUARK_")}
-    if os.environ.get("QUARK_CACHE_DIR"):
-        env["QUARK_CACHE_DIR"] = os.environ["QUARK_CACHE_DIR"]
-    for layer in layers:
-        env.update(layer)
-    return env

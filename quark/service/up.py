@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import secrets
@@ -12,10 +13,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+from quark.service.redis_client import answers
+from quark.service.tasks import QUEUES
+from quark.service.worker_status import forget_quietly
 
 log = logging.getLogger("quark.up")
 
@@ -30,15 +36,6 @@ def add_commands(sub: Any) -> None:
     up.add_argument("--no-worker", action="store_true", help="API server only")
     up.add_argument("--no-beat", action="store_true", help="no continuous-mode scheduler")
     up.set_defaults(handler=cmd_up)
-
-
-def redis_answers(url: str) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except (redis.RedisError, ValueError):
-        return False
 
 
 def free_port() -> int:
@@ -63,36 +60,173 @@ def admin_token(data_dir: Path) -> tuple[str, bool]:
 
 
 @dataclass
+class RestartPolicy:
+    """When to restart a child that exited: at most ``max_restarts`` in any ``window_s``,
+    each after a backoff that doubles with every restart still in the window (``first_s``,
+    2x, 4x, ... capped at ``max_s``; a child that stayed up a whole window starts over at
+    ``first_s``). Pure: the clock is injected."""
+
+    max_restarts: int = 5
+    window_s: float = 600.0
+    first_s: float = 1.0
+    max_s: float = 30.0
+    clock: Callable[[], float] = time.monotonic
+    restarts: deque[float] = field(default_factory=deque)
+
+    def next_delay(self) -> float | None:
+        """The child just exited: seconds to wait before restarting it, or None when the
+        restarts are exhausted (the caller gives up)."""
+        now = self.clock()
+        while self.restarts and self.restarts[0] <= now - self.window_s:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.max_restarts:
+            return None
+        delay = min(self.max_s, self.first_s * 2 ** len(self.restarts))
+        self.restarts.append(now)
+        return delay
+
+
+@dataclass
 class Child:
     name: str
+    argv: list[str]
     process: subprocess.Popen[bytes]
+    #: None: its exit stops the service; else how it is restarted.
+    policy: RestartPolicy | None = None
+    #: Called (on the supervisor's thread) when it exits and will be restarted.
+    on_exit: Callable[[], None] | None = None
     pump: threading.Thread | None = None
+    restart_at: float | None = None  # monotonic time of a pending restart
+    restarts: int = 0
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get SIGTERM when this process dies, even by SIGKILL
+    (Linux ``PR_SET_PDEATHSIG``); elsewhere None. Everything is resolved here, before the
+    fork: the child only makes two system calls."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+    term = int(signal.SIGTERM)
+
+    def preexec() -> None:
+        if prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died before prctl: nobody would signal us
+            os.kill(os.getpid(), term)
+
+    return preexec
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"{code} ({signal.Signals(-code).name})"
+        except ValueError:
+            pass
+    return str(code)
 
 
 @dataclass
 class Supervisor:
-    """Starts children, prefixes their logs, and stops all of them together."""
+    """Starts children, prefixes their logs, restarts the ones with a restart policy, and
+    stops all of them together.
+
+    Children run in their own sessions (Ctrl-C reaches only us; we stop them in order) and
+    die with us: on Linux each gets SIGTERM when this process dies, even by SIGKILL. That
+    signal follows the *thread* that started the child, so children are started, and
+    restarted, from the main thread only.
+    """
 
     env: dict[str, str]
     children: list[Child] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
+    clock: Callable[[], float] = time.monotonic
 
-    def start(self, name: str, argv: list[str]) -> Child:
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        policy: RestartPolicy | None = None,
+        on_exit: Callable[[], None] | None = None,
+    ) -> Child:
+        child = Child(name, argv, self._spawn(name, argv), policy, on_exit)
+        child.pump = _start_pump(name, child.process)
+        self.children.append(child)
+        return child
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("children must be started from the main thread (PDEATHSIG)")
         process = subprocess.Popen(
             argv,
             env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C reaches us only; we stop children in order
+            preexec_fn=_die_with_parent(),
         )
-        child = Child(name, process)
-        child.pump = threading.Thread(target=_pump, args=(name, process.stdout), daemon=True)
-        child.pump.start()
-        self.children.append(child)
-        return child
+        log.info("started %s (pid %d)", name, process.pid)
+        return process
 
-    def first_exited(self) -> Child | None:
-        return next((c for c in self.children if c.process.poll() is not None), None)
+    def check(self) -> int | None:
+        """One look at every child: schedule restarts of the ones that exited, start the
+        ones whose backoff is over. Returns an exit status when the service must stop: a
+        child without a restart policy exited, or one's restarts are exhausted."""
+        now = self.clock()
+        for child in self.children:
+            if child.restart_at is not None:
+                if now >= child.restart_at and not self._restart(child, now):
+                    return 1
+                continue
+            code = child.process.poll()
+            if code is None:
+                continue
+            if child.policy is None:
+                what = describe_exit(code)
+                log.error("%s exited with code %s; stopping the service", child.name, what)
+                return 1
+            if not self._schedule(child, f"exited with code {describe_exit(code)}", now):
+                return 1
+        return None
+
+    def _schedule(self, child: Child, what: str, now: float) -> bool:
+        assert child.policy is not None
+        delay = child.policy.next_delay()
+        if delay is None:
+            log.error(
+                "%s %s; it was restarted %d times in the last %.0fs, the most allowed: "
+                "stopping the service",
+                child.name,
+                what,
+                child.policy.max_restarts,
+                child.policy.window_s,
+            )
+            return False
+        log.warning("%s %s; restarting it in %gs", child.name, what, delay)
+        if child.on_exit is not None:
+            child.on_exit()
+        child.restart_at = now + delay
+        return True
+
+    def _restart(self, child: Child, now: float) -> bool:
+        child.restart_at = None
+        if child.pump:
+            child.pump.join(timeout=1)
+        try:
+            child.process = self._spawn(child.name, child.argv)
+        except OSError as exc:
+            return self._schedule(child, f"could not be restarted ({exc})", now)
+        child.restarts += 1
+        child.pump = _start_pump(child.name, child.process)
+        log.warning(
+            "restarted %s (restart %d, pid %d)", child.name, child.restarts, child.process.pid
+        )
+        return True
 
     def stop_all(self) -> None:
         """SIGTERM newest first (API drains, worker checkpoints, Redis last), then wait."""
@@ -113,6 +247,12 @@ def _wait_or_kill(child: Child) -> None:
         log.error("%s did not stop within %.0fs; killing it", child.name, STOP_TIMEOUT_S)
         os.killpg(child.process.pid, signal.SIGKILL)
         child.process.wait()
+
+
+def _start_pump(name: str, process: subprocess.Popen[bytes]) -> threading.Thread:
+    pump = threading.Thread(target=_pump, args=(name, process.stdout), daemon=True)
+    pump.start()
+    return pump
 
 
 def _pump(name: str, stream: IO[bytes] | None) -> None:
@@ -146,10 +286,11 @@ def _embedded_redis(supervisor: Supervisor, data_dir: Path) -> str:
             "--save",
             "",
         ],
+        policy=RestartPolicy(),  # same port, same append-only file: the data comes back
     )
     url = f"redis://127.0.0.1:{port}/0"
     for _ in range(100):
-        if redis_answers(url):
+        if answers(url):
             return url
         time.sleep(0.1)
     raise RuntimeError(f"embedded redis did not answer on {url}; see the [redis] log lines")
@@ -169,7 +310,7 @@ def thread_split(env: Mapping[str, str], cores: int) -> dict[str, str]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from quark.models import resolve_source
-    from quark.settings import ServiceSettings
+    from quark.service.settings import ServiceSettings
 
     settings = ServiceSettings()  # validates every QUARK_ variable before anything starts
     host = args.host or settings.host
@@ -181,7 +322,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: supervisor.stopping.set())
     try:
         redis_url = settings.redis_url
-        if not redis_answers(redis_url):
+        if not answers(redis_url):
             print(f"no Redis answers at {redis_url}; starting the embedded one", flush=True)
             redis_url = _embedded_redis(supervisor, settings.data_dir)
         token, generated = admin_token(settings.data_dir)
@@ -194,7 +335,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.no_worker and (split := thread_split(supervisor.env, os.cpu_count() or 1)):
             supervisor.env.update(split)
             print(f"torch threads: {split} (set either variable to choose)", flush=True)
-        _start_service(supervisor, host, port, args)
+        _start_service(supervisor, host, port, args, settings.key_prefix)
         _announce(host, port, redis_url, token, generated, settings.data_dir)
         return _watch(supervisor)
     finally:
@@ -210,7 +351,7 @@ def api_argv(host: str, port: int) -> list[str]:
 def worker_argv(node_name: str, *extra: str) -> list[str]:
     """A Celery worker for both queues, one job at a time (solo pool: one model in memory)."""
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-            "--pool", "solo", "-Q", "scoring,training", "-n", node_name,
+            "--pool", "solo", "-Q", ",".join(QUEUES), "-n", node_name,
             "--loglevel", "INFO", *extra]  # fmt: skip
 
 
@@ -219,12 +360,24 @@ def beat_argv(*extra: str) -> list[str]:
             "--loglevel", "INFO", *extra]  # fmt: skip
 
 
-def _start_service(supervisor: Supervisor, host: str, port: int, args: argparse.Namespace) -> None:
+def _start_service(
+    supervisor: Supervisor, host: str, port: int, args: argparse.Namespace, key_prefix: str
+) -> None:
+    """The API is the service: if it exits, everything stops (no policy). A worker or beat
+    that dies is restarted; the API serves on meanwhile and /readyz shows the worker down."""
     supervisor.start("api", api_argv(host, port))
     if not args.no_worker:
-        supervisor.start("worker", worker_argv(f"quark-{os.getpid()}@%h"))
+        node = f"quark-{os.getpid()}@{socket.gethostname()}"  # what Celery's %h expands to
+        redis_url = supervisor.env["QUARK_REDIS_URL"]
+        supervisor.start(
+            "worker",
+            worker_argv(node),
+            policy=RestartPolicy(),
+            # Servers see the worker down now, not when its heartbeat expires.
+            on_exit=lambda: forget_quietly(redis_url, key_prefix, node),
+        )
     if not args.no_beat and not args.no_worker:
-        supervisor.start("beat", beat_argv())
+        supervisor.start("beat", beat_argv(), policy=RestartPolicy())
 
 
 def _announce(
@@ -246,13 +399,11 @@ def _announce(
 
 
 def _watch(supervisor: Supervisor) -> int:
-    """Run until a signal arrives or a child dies; a dead child is never restarted silently."""
+    """Run until a signal arrives, the API exits, or a child's restarts are exhausted
+    (non-zero then). Runs on the main thread: restarted children die with it too."""
     while not supervisor.stopping.wait(0.5):
-        dead = supervisor.first_exited()
-        if dead is not None:
-            log.error(
-                "%s exited with code %s; stopping the service", dead.name, dead.process.returncode
-            )
-            return 1
+        status = supervisor.check()
+        if status is not None:
+            return status
     print("shutting down: in-flight requests finish, the worker checkpoints", flush=True)
     return 0

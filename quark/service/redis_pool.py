@@ -1,16 +1,15 @@
 """The data pool in Redis: a Stream of records plus a hash of their rewards.
 
-Keys (``prefix`` is the service's ``QUARK_KEY_PREFIX``):
+Keys (``prefix`` is the service's ``QUARK_KEY_PREFIX``; names in :mod:`quark.service.keys`):
 
-* ``{prefix}:pool``    Stream; each entry has one field ``record`` = ``PoolRecord.to_json()``.
+* the pool: a Stream; each entry has one field ``record`` = ``PoolRecord.to_json()``.
   XADD trims it with an approximate MAXLEN (the retention bound), oldest first.
-* ``{prefix}:rewards`` hash record_id -> reward (scores arrive after the record, from the
+* rewards: a hash record_id -> reward (scores arrive after the record, from the
   workers, so they live beside the immutable stream entry rather than in it). Rewards of
   trimmed records are pruned once the hash holds twice the retention bound.
-* ``{prefix}:cursors`` hash name -> last stream id a consumer has processed.
+* cursors: a hash name -> last stream id a consumer has processed.
 
-Implements the :class:`quark.pool.Pool` protocol and what the online loop needs
-(:class:`quark.online.OnlinePool`).
+Implements what the online loop needs (:class:`quark.online.scoring.OnlinePool`).
 """
 
 from __future__ import annotations
@@ -22,6 +21,8 @@ from typing import Any
 import redis
 
 from quark.pool import PoolRecord
+from quark.service.keys import RedisKeys
+from quark.service.redis_client import connect
 
 START = "0-0"  # a stream id before every entry
 _CHUNK = 500
@@ -56,18 +57,16 @@ class RedisPool:
         self.client = client
         self.prefix = prefix
         self.max_records = max_records
-        self.stream_key = f"{prefix}:pool"
-        self.rewards_key = f"{prefix}:rewards"
-        self.cursors_key = f"{prefix}:cursors"
+        keys = RedisKeys(prefix)
+        self.stream_key = keys.pool
+        self.rewards_key = keys.rewards
+        self.cursors_key = keys.cursors
 
     @classmethod
     def from_url(
         cls, url: str, prefix: str, max_records: int | None = None, timeout_s: float = 5.0
     ) -> RedisPool:
-        client = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
-        return cls(client, prefix, max_records)
+        return cls(connect(url, read_timeout_s=timeout_s), prefix, max_records)
 
     # -- writing ---------------------------------------------------------------------------
     def add(self, records: Iterable[PoolRecord]) -> None:

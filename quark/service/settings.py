@@ -1,14 +1,80 @@
-"""Service settings shared by the API server and the workers (env prefix ``QUARK_``)."""
+"""Service settings shared by the API server and the workers (env prefix ``QUARK_``).
+
+The unlearn job's parameters are not declared here: ``unlearn`` is derived from
+``quark.online.params.UnlearnParams``, one environment variable per field
+(``QUARK_UNLEARN_<FIELD>``, or the name its ``env`` metadata gives), same defaults, same
+bounds, same help text. Importing this module does not import torch.
+"""
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from quark.models import default_cache_dir
+from quark.config import BOUNDS
+from quark.online.params import UnlearnParams
+from quark.paths import default_cache_dir
+
+
+def unlearn_env_name(field_name: str) -> str:
+    """The environment variable of one UnlearnParams field."""
+    meta = next(f.metadata for f in fields(UnlearnParams) if f.name == field_name)
+    return "QUARK_" + str(meta.get("env") or f"unlearn_{field_name}").upper()
+
+
+#: UnlearnParams field -> its environment variable.
+UNLEARN_ENV = {f.name: unlearn_env_name(f.name) for f in fields(UnlearnParams)}
+
+
+def params_model_fields(optional: bool, env: bool = False) -> dict[str, Any]:
+    """Pydantic field definitions of UnlearnParams (type, bounds, help; default None when
+    ``optional``, for request models whose absent fields keep the configured value; read
+    from the field's environment variable when ``env``)."""
+    types = UnlearnParams.field_types()
+    definitions: dict[str, Any] = {}
+    for f in fields(UnlearnParams):
+        bounds = {k: f.metadata[k] for k in BOUNDS if k in f.metadata}
+        kind: Any = Annotated[types[f.name], Field(**bounds)] if bounds else types[f.name]
+        default = None if optional or f.default is MISSING else f.default
+        alias = AliasChoices(UNLEARN_ENV[f.name]) if env else None
+        definitions[f.name] = (
+            kind | None if optional else kind,
+            Field(default, description=f.metadata["help"], validation_alias=alias),
+        )
+    return definitions
+
+
+def _unlearn_settings_class() -> type[BaseSettings]:
+    definitions = params_model_fields(optional=False, env=True)
+    return create_model(
+        "UnlearnSettings",
+        __base__=BaseSettings,
+        __config__=None,
+        **definitions,
+    )
+
+
+_UnlearnSettings = _unlearn_settings_class()
+
+
+def unlearn_params_from_env() -> UnlearnParams:
+    """UnlearnParams with every field read from its environment variable (else its default)."""
+    values = _UnlearnSettings().model_dump()
+    try:
+        return UnlearnParams(**values)
+    except ValueError as exc:
+        named = [f"{name} is {env}" for name, env in UNLEARN_ENV.items() if f"{name}=" in str(exc)]
+        raise ValueError(f"{exc}; fix the environment ({', '.join(named)})") from exc
 
 
 def _default_data_dir() -> Path:
@@ -29,11 +95,6 @@ class ServiceSettings(BaseSettings):
     data_dir: Path = Field(
         default_factory=_default_data_dir, description="spool, model store, redis"
     )
-    num_quantiles: int = Field(5, ge=2, description="reward tokens (K) added to a base model")
-    task: str = Field(
-        "toxicity", description="what the workers unlearn: toxicity|sentiment|repetition"
-    )
-    reward: str = Field("", description="reward spec for scoring (empty = the task's default)")
 
     # -- server ------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="bind address of the API server")
@@ -109,43 +170,9 @@ class ServiceSettings(BaseSettings):
         "splits the cores between API and worker)",
     )
     score_batch_size: int = Field(64, ge=1, description="pool records scored per reward call")
-    unlearn_steps: int = Field(100, ge=1, description="training steps per unlearn job")
-    unlearn_batch_size: int = Field(8, ge=1, description="quantized samples per training step")
-    unlearn_lr: float = Field(5e-5, gt=0, description="AdamW learning rate of unlearn jobs")
-    unlearn_warmup_steps: int = Field(10, ge=0, description="LR warmup steps of each job")
-    unlearn_kl_coef: float = Field(0.05, ge=0, description="KL weight against the original")
-    unlearn_entropy_coef: float = Field(0.06, ge=0, description="entropy bonus weight")
-    unlearn_window: int = Field(
-        2000, ge=1, description="newest scored pool records a job trains on"
-    )
-    unlearn_min_records: int = Field(
-        50, ge=2, description="a job with fewer scored records is skipped"
-    )
-    unlearn_explore_prompts: int = Field(
-        0, ge=0, description="fresh top-token samples per exploration round (0 = traffic only)"
-    )
-    unlearn_sample_interval: int = Field(
-        50, ge=1, description="explore again every N steps (when explore prompts > 0)"
-    )
-    unlearn_response_length: int = Field(
-        20, ge=1, description="new tokens per exploration/evaluation sample"
-    )
-    eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="share of pool prompts held out of training for evaluation"
-    )
-    eval_prompts: int = Field(32, ge=1, description="held-out prompts per evaluation")
-    eval_samples: int = Field(2, ge=1, description="top-token samples per held-out prompt")
-    gate_reward_tolerance: float = Field(
-        0.0, ge=0, description="promote if reward >= active version's reward - this"
-    )
-    gate_max_perplexity_rise: float = Field(
-        0.25, ge=0, description="promote if perplexity <= active version's x (1 + this)"
-    )
-    gate_max_kl: float | None = Field(
-        None,
-        gt=0,
-        description="if set, promote only if mean per-token KL to the original <= this "
-        "(caps drift summed over versions)",
+    unlearn: UnlearnParams = Field(
+        default_factory=lambda: unlearn_params_from_env(),
+        description="the unlearn job's parameters (QUARK_UNLEARN_*, ...; see UNLEARN_ENV)",
     )
     job_soft_time_limit_s: int = Field(
         3600, ge=10, description="a job then checkpoints and is retried (resumes)"
@@ -156,6 +183,12 @@ class ServiceSettings(BaseSettings):
     job_max_retries: int = Field(3, ge=0, description="retries of a failed/interrupted task")
     job_lock_ttl_s: float = Field(
         60.0, gt=0, description="unlearn lock expiry; renewed while the job is alive"
+    )
+    broker_visibility_timeout_s: int | None = Field(
+        None,
+        ge=1,
+        description="Redis re-delivers an unacknowledged job after this (unset = the hard time "
+        "limit + 600; a lower value is for tests)",
     )
 
     # -- continuous mode (celery beat) -------------------------------------------------------
@@ -192,8 +225,6 @@ class ServiceSettings(BaseSettings):
             )
         if self.max_n > self.max_queue:
             raise ValueError(f"QUARK_MAX_N={self.max_n} exceeds QUARK_MAX_QUEUE={self.max_queue}")
-        if self.task not in ("toxicity", "sentiment", "repetition"):
-            raise ValueError(f"QUARK_TASK={self.task!r}: use toxicity, sentiment or repetition")
         if self.job_hard_time_limit_s <= self.job_soft_time_limit_s:
             raise ValueError(
                 f"QUARK_JOB_HARD_TIME_LIMIT_S={self.job_hard_time_limit_s} must exceed "
@@ -201,6 +232,20 @@ class ServiceSettings(BaseSettings):
                 "(the soft limit checkpoints before the hard one kills)"
             )
         return self
+
+    def unlearn_params(self, overrides: dict[str, Any]) -> UnlearnParams:
+        """One job's parameters: these settings, then an admin's overrides (validated)."""
+        values = dict(overrides)
+        if "task" in values and "reward" not in values:
+            values["reward"] = ""  # another task means that task's default reward
+        unknown = sorted(set(values) - set(UNLEARN_ENV))
+        if unknown:
+            raise ValueError(f"unknown unlearn parameters {unknown}; valid: {sorted(UNLEARN_ENV)}")
+        return replace(self.unlearn, **values)
+
+    @property
+    def num_quantiles(self) -> int:
+        return self.unlearn.num_quantiles
 
     @property
     def spool_dir(self) -> Path:

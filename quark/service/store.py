@@ -24,10 +24,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from quark.fsutil import fsync_path
-from quark.models import QuarkModel, load_model, save_model
+from quark.fsutil import fsync_path, sha256_file
+from quark.service.keys import RedisKeys
+
+if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, not with the store
+    from quark.models import QuarkModel
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +81,9 @@ class RedisVersionPointer:
 
     def __init__(self, client: Any, prefix: str) -> None:
         self.client = client
-        self.key = f"{prefix}:active_version"
-        self.channel = f"{prefix}:versions"
-        self.prefix = prefix
+        self.keys = RedisKeys(prefix)
+        self.key = self.keys.active_version
+        self.channel = self.keys.versions_channel
 
     def get(self) -> str | None:
         value = self.client.get(self.key)
@@ -94,9 +97,7 @@ class RedisVersionPointer:
 
     def lock(self, name: str, timeout_s: float = 600.0) -> AbstractContextManager[Any]:
         """A Redis lock ``{prefix}:lock:{name}`` that expires if its holder dies."""
-        return self.client.lock(
-            f"{self.prefix}:lock:{name}", timeout=timeout_s, blocking_timeout=timeout_s
-        )
+        return self.client.lock(self.keys.lock(name), timeout=timeout_s, blocking_timeout=timeout_s)
 
 
 def version_number(version: str) -> int:
@@ -115,7 +116,7 @@ def file_digests(directory: Path) -> dict[str, str]:
     digests = {}
     for path in sorted(directory.iterdir()):
         if path.is_file() and path.name != METADATA_FILE:
-            digests[path.name] = _sha256(path)
+            digests[path.name] = sha256_file(path)
     return digests
 
 
@@ -125,14 +126,6 @@ def weights_checksum(digests: dict[str, str]) -> str:
     for name in sorted(digests):
         if name.endswith(".safetensors"):
             h.update(f"{name}:{digests[name]}\n".encode())
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -192,6 +185,8 @@ class ModelStore:
 
     def load(self, version: str, device: str = "auto") -> QuarkModel:
         """Verify, then load a version (raises UnknownVersion / CorruptVersion)."""
+        from quark.models import load_model
+
         meta = self.verify(version)
         try:
             qm = load_model(self.path(version), device=device)
@@ -213,6 +208,8 @@ class ModelStore:
     # -- writing -------------------------------------------------------------------------
     def publish(self, qm: QuarkModel, metadata: dict[str, Any]) -> str:
         """Write ``qm`` as the next version, atomically; returns its name (not activated)."""
+        from quark.models import save_model
+
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         try:
@@ -304,6 +301,53 @@ class ModelStore:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+class VerificationCache:
+    """Which versions verify, recomputed only when a version's files change.
+
+    Verifying reads every byte (a sha256 per file: seconds per version for a real model),
+    too slow for every ``GET /admin/models``. The cache keys each result by the version's
+    file names, sizes, mtimes and inodes (a few ``stat`` calls): rewriting, replacing or
+    truncating a file changes the key. A change that keeps size and mtime (``touch -r``
+    after editing bytes in place) is not seen until the process restarts or
+    ``ModelStore.verify`` is called.
+    """
+
+    def __init__(self) -> None:
+        self._results: dict[str, tuple[tuple[tuple[str, int, int, int], ...], str | None]] = {}
+
+    def error(self, store: ModelStore, version: str) -> str | None:
+        """None if ``version`` verifies, else why not (the message of the failure)."""
+        try:
+            stamp = _files_stamp(store.path(version))
+        except (OSError, StoreError) as exc:
+            return f"{version}: unreadable ({exc})"
+        cached = self._results.get(version)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        error: str | None = None
+        try:
+            store.verify(version)
+        except StoreError as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"{version}: unreadable ({exc})"
+        self._results[version] = (stamp, error)
+        return error
+
+    def forget_all_but(self, versions: list[str]) -> None:
+        """Drop the results of versions no longer stored (pruned)."""
+        for version in set(self._results) - set(versions):
+            self._results.pop(version, None)
+
+
+def _files_stamp(directory: Path) -> tuple[tuple[str, int, int, int], ...]:
+    stamp = []
+    for path in sorted(directory.iterdir()):
+        st = path.stat()
+        stamp.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(stamp)
+
+
 @contextmanager
 def _no_lock() -> Iterator[None]:
     yield
@@ -344,7 +388,7 @@ def _usable_active(store: ModelStore) -> str | None:
 def _publish_base(store: ModelStore, base_model: str, num_quantiles: int) -> str:
     import torch
 
-    from quark.models import add_reward_tokens
+    from quark.models import add_reward_tokens, load_model
 
     qm = load_model(base_model, device="cpu")
     # A fixed generator: every machine bootstrapping from the same base gets the same v0.

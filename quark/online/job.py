@@ -1,42 +1,135 @@
-"""One unlearn job, step by step (the entry point is :func:`quark.online.run_unlearn`)."""
+"""One unlearn job: load the active version -> take the newest scored pool records (prompts of
+a held-out slice excluded) -> evaluate the active version on the held-out prompts -> train
+with the Quark loop against the frozen *original* model -> evaluate the candidate ->
+promotion gate -> publish + activate, or not. Entry point: :func:`run_unlearn`.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from quark.gate import EvalResult, evaluate_version, promotion_gate
+from quark.checkpoint import STATE_FILE
+from quark.evaluation import EvalResult, evaluate_version
 from quark.models import QuarkModel, load_model
-from quark.online import (
-    JobCancelled,
-    JobSuspended,
-    Progress,
-    UnlearnDeps,
-    UnlearnParams,
-    Window,
-    split_window,
-)
+from quark.online.gate import is_held_out, promotion_gate
+from quark.online.params import UnlearnParams
+from quark.online.scoring import OnlinePool, unique_records
 from quark.pool import PoolRecord
-from quark.store import StoreError
-from quark.training import STATE_FILE, QuarkTrainer
+from quark.rewards import RewardFn
+from quark.training import QuarkTrainer
 
 log = logging.getLogger(__name__)
 
 RESUME_FILE = "resume.json"
+Progress = Callable[[dict[str, Any]], None]
+
+
+class JobCancelled(Exception):
+    """The job was cancelled: it stopped without publishing anything."""
+
+
+class JobSuspended(Exception):
+    """The job stopped early (time limit, worker shutdown) after saving a checkpoint;
+    running it again with the same checkpoint directory resumes it."""
+
+
+class NoActiveVersion(RuntimeError):
+    """The store has no active version to continue from."""
+
+
+class VersionStore(Protocol):
+    """What a job needs from the model store (``quark.service.store.ModelStore``)."""
+
+    def active(self) -> str | None: ...
+
+    def load(self, version: str, device: str = "auto") -> QuarkModel: ...
+
+    def publish(self, qm: QuarkModel, metadata: dict[str, Any]) -> str: ...
+
+    def activate(self, version: str) -> dict[str, Any]: ...
+
+    def prune(self, retention: int) -> list[str]: ...
+
+
+def _never() -> bool:
+    return False
+
+
+def _ignore(_: dict[str, Any]) -> None:
+    return None
+
+
+@dataclass
+class UnlearnDeps:
+    """The job's collaborators; the worker caches the original model and the reward."""
+
+    store: VersionStore
+    pool: OnlinePool
+    original: QuarkModel  # frozen original model: the KL reference, never a later version
+    reward_fn: RewardFn  # the job's reward (also used to evaluate)
+    device: str = "auto"
+    # The job's reward differs from the one the pool was scored with (an admin override):
+    # score the window again with it, in memory.
+    rescore: bool = False
+
+
+@dataclass
+class Window:
+    train: list[PoolRecord]
+    eval_prompts: list[str]
+    info: dict[str, Any]
+
+
+def split_window(records: Sequence[tuple[str, PoolRecord]], params: UnlearnParams) -> Window:
+    """Training records and held-out prompts (split by prompt text, never overlapping)."""
+    unique = unique_records([r for _, r in records])
+    train = [r for r in unique if not is_held_out(r.prompt, params.eval_fraction)]
+    held = sorted({r.prompt for _, r in records if is_held_out(r.prompt, params.eval_fraction)})
+    eval_prompts = random.Random(params.seed).sample(held, min(len(held), params.eval_prompts))
+    info = {
+        "records": len(records),
+        "train_records": len(train),
+        "eval_prompts": len(eval_prompts),
+        "first_id": records[0][0] if records else None,
+        "last_id": records[-1][0] if records else None,
+    }
+    return Window(train, eval_prompts, info)
+
+
+def run_unlearn(
+    deps: UnlearnDeps,
+    params: UnlearnParams,
+    *,
+    job_id: str,
+    progress: Progress = _ignore,
+    should_stop: Callable[[], bool] = _never,
+    should_suspend: Callable[[], bool] = _never,
+    checkpoint_dir: Path | None = None,
+) -> dict[str, Any]:
+    """One unlearn job; returns its result (``status``: published, rejected, skipped, stale).
+
+    ``should_stop`` cancels (raises JobCancelled, nothing published); ``should_suspend``
+    checkpoints into ``checkpoint_dir`` and raises JobSuspended. A later call with the same
+    ``checkpoint_dir`` and the same active version resumes from the checkpoint.
+    """
+    job = UnlearnJob(deps, params, job_id, progress, should_stop, should_suspend, checkpoint_dir)
+    return job.run()
 
 
 @dataclass
 class UnlearnJob:
-    """One unlearn job; see quark.online.run_unlearn (its entry point)."""
+    """One unlearn job; see :func:`run_unlearn` (its entry point)."""
 
     deps: UnlearnDeps
     params: UnlearnParams
@@ -50,7 +143,7 @@ class UnlearnJob:
         started = time.time()
         parent = self.deps.store.active()
         if parent is None:
-            raise StoreError("no active model version: start the server or a worker first")
+            raise NoActiveVersion("no active model version: start the server or a worker first")
         resume = _read_resume(self.checkpoint_dir, parent)
         self.progress({"phase": "window", "parent": parent, "resumed": resume is not None})
         if resume is not None:
@@ -92,10 +185,11 @@ class UnlearnJob:
     ) -> tuple[QuarkModel, QuarkTrainer, EvalResult]:
         """Policy (active version or checkpoint), trainer, and the active version's eval."""
         self.progress({"phase": "load", "parent": parent})
-        config = self.params.quark_config()
         if resume is not None and self.checkpoint_dir is not None:
             qm = load_model(self.checkpoint_dir, device=self.deps.device)
-            trainer = QuarkTrainer(qm, self.deps.original.model, self.deps.reward_fn, [], config)
+            trainer = QuarkTrainer(
+                qm, self.deps.original.model, self.deps.reward_fn, [], self.params
+            )
             trainer.load_state(self.checkpoint_dir)  # restores the window's records too
             trainer.prompts = sorted({r.prompt for r in trainer.pool.records()})
             return qm, trainer, EvalResult(**resume["baseline"])
@@ -105,7 +199,9 @@ class UnlearnJob:
         self.progress({"phase": "train", "step": 0, "eval_active": baseline.as_dict()})
         torch.manual_seed(self.params.seed)
         prompts = sorted({r.prompt for r in window.train})
-        trainer = QuarkTrainer(qm, self.deps.original.model, self.deps.reward_fn, prompts, config)
+        trainer = QuarkTrainer(
+            qm, self.deps.original.model, self.deps.reward_fn, prompts, self.params
+        )
         trainer.pool.add(window.train)
         return qm, trainer, baseline
 
@@ -117,23 +213,22 @@ class UnlearnJob:
             self.deps.reward_fn,
             samples=self.params.eval_samples,
             max_new_tokens=self.params.response_length,
+            top_p=self.params.eval_top_p,
             seed=self.params.seed,
+            max_prompt_tokens=self.params.max_prompt_tokens,
         )
 
     def _train(
         self, trainer: QuarkTrainer, parent: str, window: Window, baseline: EvalResult
     ) -> None:
-        """The training steps; any error (time limit included) leaves a resumable checkpoint."""
+        """The training steps (the trainer's loop); any error, a time limit included, leaves
+        a resumable checkpoint; a cancellation leaves nothing."""
         try:
-            if self.params.explore_prompts and trainer.step == 0:
-                self.progress({"phase": "explore", "step": 0})
-                trainer.explore(quantile=0)
-            while trainer.step < self.params.steps:
-                if self.should_stop():
-                    raise JobCancelled("cancelled during training")
-                if self.should_suspend():
-                    raise JobSuspended(f"suspended at step {trainer.step}")
-                self._step(trainer)
+            trainer.run(
+                self.params.steps - trainer.step,
+                should_stop=self._check_interrupted,
+                on_event=self._report,
+            )
         except JobCancelled:
             drop_checkpoint(self.checkpoint_dir)
             raise
@@ -142,21 +237,20 @@ class UnlearnJob:
                 _save_resume(trainer, self.checkpoint_dir, parent, window, baseline)
             raise
 
-    def _step(self, trainer: QuarkTrainer) -> None:
-        step, params = trainer.step, self.params
-        if params.explore_prompts and step > 0 and step % params.sample_interval == 0:
-            self.progress({"phase": "explore", "step": step})
-            trainer.explore(quantile=0)
-        stats = trainer.train_step()
-        self.progress(
-            {
-                "phase": "train",
-                "step": trainer.step,
-                "steps": params.steps,
-                **stats.as_dict(),
-                "lr": trainer.scheduler.get_last_lr()[0],
-            }
-        )
+    def _check_interrupted(self) -> bool:
+        if self.should_stop():
+            raise JobCancelled("cancelled during training")
+        if self.should_suspend():
+            raise JobSuspended("suspended (time limit or worker shutdown)")
+        return False
+
+    def _report(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "explore_start":
+            self.progress({"phase": "explore", "step": event["step"]})
+        elif kind == "train":
+            stats = {k: v for k, v in event.items() if k not in ("event", "seconds")}
+            self.progress({"phase": "train", "steps": self.params.steps, **stats})
 
     def _judge(
         self,
@@ -167,12 +261,20 @@ class UnlearnJob:
         baseline: EvalResult,
     ) -> dict[str, Any]:
         """Evaluate the candidate, apply the promotion gate, publish when it passes."""
+        if not baseline.prompt_rewards:
+            # A checkpoint written before evaluations kept per-prompt rewards: the gate pairs
+            # prompts, so evaluate the active version again (same prompts, same seed).
+            self.progress({"phase": "eval_active", "step": trainer.step})
+            active = self.deps.store.load(parent, device=self.deps.device)
+            baseline = self._evaluate(active, window.eval_prompts)
+            del active
         self.progress({"phase": "eval_candidate", "step": trainer.step})
         candidate = self._evaluate(qm, window.eval_prompts)
         gate = promotion_gate(
             candidate,
             baseline,
             reward_tolerance=self.params.reward_tolerance,
+            confidence=self.params.gate_confidence,
             max_perplexity_rise=self.params.max_perplexity_rise,
             max_kl=self.params.max_kl,
         )
@@ -183,7 +285,7 @@ class UnlearnJob:
             "eval": {"active": baseline.as_dict(), "candidate": candidate.as_dict()},
             "gate": gate.as_dict(),
             "steps": trainer.step,
-            "params": self.params.as_dict(),
+            "params": self.params.to_dict(),
         }
         self.progress({"phase": "gate", **gate.as_dict(), "eval": result["eval"]})
         if not gate.passed:
@@ -203,7 +305,7 @@ class UnlearnJob:
             "parent": parent,
             "kind": "unlearn",
             "job_id": self.job_id,
-            "config": self.params.as_dict(),
+            "config": self.params.to_dict(),
             "data_window": result["window"],
             "eval": result["eval"]["candidate"],
             "eval_parent": result["eval"]["active"],
