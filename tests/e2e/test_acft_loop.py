@@ -13,16 +13,19 @@ from tests.e2e.test_online_loop import run_job
 TRAFFIC = [f"Tell me about item {i}:" for i in range(50)]
 LIVE = [f"Say something about thing {i}." for i in range(10)]
 # A few steps of each model; the gate's bounds are opened wide: this test checks the
-# mechanics of the loop, not the effect (tests/integration/test_acft_learns.py does).
+# mechanics of the loop, not the effect (tests/integration/test_acft_learns.py does). The
+# stack's learning rate (1e-2, for Quark on the toy model) wrecked the toy model's default
+# output in 4 ACFT steps (perplexity 17 -> 136,000 in one run): ACFT gets 1e-3 here.
 ACFT_JOB = {
     "objective": "acft",
+    "lr": 1e-3,
     "steps": 4,
     "acft_aux_steps": 4,
     "acft_aux_batch_size": 8,
     "acft_threshold": 0.05,
     "explore_prompts": 4,
     "reward_tolerance": 1.0,
-    "max_perplexity_rise": 100.0,
+    "max_perplexity_rise": 1e9,
     "max_kl": 100.0,
 }
 
