@@ -13,7 +13,8 @@ from pathlib import Path
 from types import NoneType
 from typing import TYPE_CHECKING, Any, get_args
 
-from quark.config import TASKS, QuarkConfig
+from quark.acft.config import ObjectiveParams
+from quark.config import TASKS, Params, QuarkConfig
 from quark.service.up import add_commands as add_service_commands
 
 if TYPE_CHECKING:  # the models module imports torch: only commands that need it load it
@@ -28,10 +29,10 @@ log = logging.getLogger("quark")
 DEFAULT_JUDGES = ("toxicity:judge", "toxicity:distilled", "toxicity:profanity")
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--flag`` per QuarkConfig field, with the field's help text and default."""
-    defaults, types = QuarkConfig(), QuarkConfig.field_types()
-    for f in fields(QuarkConfig):
+def _add_config_arguments(parser: argparse.ArgumentParser, cls: type[Params]) -> None:
+    """One ``--flag`` per field of ``cls``, with the field's help text and default."""
+    defaults, types = cls(), cls.field_types()
+    for f in fields(cls):
         if f.name == "task":
             continue  # its own flag, with choices
         default = getattr(defaults, f.name)
@@ -57,12 +58,20 @@ def _config_from_args(args: argparse.Namespace) -> QuarkConfig:
     return QuarkConfig(**values)
 
 
+def _objective_from_args(args: argparse.Namespace) -> ObjectiveParams:
+    """``--objective`` and the ``--acft-*`` flags given (the rest: their defaults)."""
+    given = {f.name: getattr(args, f.name, None) for f in fields(ObjectiveParams)}
+    return ObjectiveParams(**{k: v for k, v in given.items() if v is not None})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quark", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="unlearn a behaviour offline with the Quark loop")
+    train = sub.add_parser(
+        "train", help="unlearn a behaviour offline with the Quark loop (or --objective acft)"
+    )
     train.add_argument("--task", choices=TASKS, default="toxicity")
     train.add_argument("--prompts", required=True, type=Path, help="prompt file (jsonl or text)")
     train.add_argument(
@@ -74,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--time-budget", type=float, default=None, help="stop after N minutes")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    _add_config_arguments(train)
+    train.add_argument(
+        "--utility-text",
+        type=Path,
+        default=None,
+        help="ACFT: plain-text file (a passage per line) mixed into the fine-tuning corpus",
+    )
+    _add_config_arguments(train, QuarkConfig)
+    _add_config_arguments(train, ObjectiveParams)
 
     ev = sub.add_parser("eval", help="evaluate a model with the paper's metrics")
     ev.add_argument("--model", required=True, help="checkpoint dir, HF dir, .gguf or 'default'")
@@ -144,11 +160,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from quark.training import QuarkTrainer
 
     config = _config_from_args(args)
+    objective = _objective_from_args(args)
     out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     model_dir = out / "model"
     prompts = [p.text for p in load_prompts(args.prompts, args.max_prompts)]
     reward_fn = build_reward(config.reward or TASK_DEFAULT_REWARD[config.task])
     torch.manual_seed(config.seed)
+    if objective.objective == "acft":
+        return _train_acft(args, config, objective, prompts, reward_fn, out)
+    if args.utility_text is not None:
+        raise ValueError("--utility-text applies to --objective acft only")
     resume = (model_dir / STATE_FILE).exists()
     original = load_model(args.model, device=args.device)
     if resume:
@@ -177,6 +198,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         should_stop=lambda: time.monotonic() > deadline,
     )
     print(f"trained {trainer.step} steps; model in {model_dir}; metrics in {out / 'metrics.jsonl'}")
+    return 0
+
+
+def _train_acft(
+    args: argparse.Namespace,
+    config: QuarkConfig,
+    objective: ObjectiveParams,
+    prompts: list[str],
+    reward_fn: RewardFn,
+    out: Path,
+) -> int:
+    """``quark train --objective acft``: one ACFT round (quark.acft.offline); no resume."""
+    from quark.acft.offline import run_offline
+
+    deadline = time.monotonic() + 60 * args.time_budget if args.time_budget else float("inf")
+    model = (args.model, args.device)
+    run = run_offline(model, config, objective, prompts, reward_fn, out, args.utility_text,
+                      should_stop=lambda: time.monotonic() > deadline)  # fmt: skip
+    print(f"trained {run} ACFT steps; model in {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
     return 0
 
 

@@ -17,6 +17,8 @@ TASKS = ("toxicity", "sentiment", "repetition")
 QUANTILE_SCOPES = ("pool", "prompt")
 TRAIN_QUANTILES = ("all", "extremes", "best")
 TOKEN_INITS = ("random", "mean")
+#: What an unlearn job optimises: Quark (reward tokens) or ACFT (the default output).
+OBJECTIVES = ("quark", "acft")
 
 #: Field metadata keys that bound a number (pydantic's names, so models can reuse them).
 BOUNDS = ("ge", "gt", "le", "lt")

@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from quark.batching import build_batch, completion_logits, encode_pairs
+from quark.batching import completion_logits, encode_pairs
 from quark.intervals import LEVEL, RESAMPLES, Stat, bootstrap_ci, mean
 from quark.loss import quark_loss, restrict_vocab
 from quark.models import QuarkModel
-from quark.pool import QuantizedSample
 from quark.rewards import (
     ProfanityToxicityReward,
     RewardFn,
@@ -372,28 +371,29 @@ def mean_kl(
     batch_size: int = 32,
     max_prompt_tokens: int = 64,
 ) -> float:
-    """Per-token KL(qm(. | reward token + prompt) || original(. | prompt)) on completions."""
+    """Per-token KL(qm(. | reward token + prompt) || original(. | prompt)) on completions;
+    ``quantile`` None: no reward token (the version's default output)."""
     total, tokens = 0.0, 0
     reward_ids = qm.reward_tokens.ids if qm.reward_tokens else ()
+    prefix = qm.prefix_ids(quantile)
     for start in range(0, len(prompts), batch_size):
-        samples = [
-            QuantizedSample(p, c, 0.0, quantile if quantile is not None else 0)
-            for p, c in zip(
-                prompts[start : start + batch_size],
-                completions[start : start + batch_size],
-                strict=True,
-            )
-        ]
-        batch = build_batch(qm, samples, max_prompt_tokens, response_length=None)
-        width = batch.labels.shape[1]
-        policy = completion_logits(qm.model, batch.policy_ids, batch.policy_mask, width)
-        ref = completion_logits(original, batch.ref_ids, batch.ref_mask, width)
+        chunk = list(prompts[start : start + batch_size])
+        texts = list(completions[start : start + batch_size])
+        policy_ids, policy_mask, labels, label_mask = encode_pairs(
+            qm, [prefix] * len(chunk), chunk, texts, max_prompt_tokens, None
+        )
+        ref_ids, ref_mask, _, _ = encode_pairs(
+            qm, [[]] * len(chunk), chunk, texts, max_prompt_tokens, None
+        )
+        width = labels.shape[1]
+        policy = completion_logits(qm.model, policy_ids, policy_mask, width)
+        ref = completion_logits(original, ref_ids, ref_mask, width)
         vocab = qm.base_vocab_size
         _, stats = quark_loss(
             restrict_vocab(policy, vocab, reward_ids),
             restrict_vocab(ref, vocab, reward_ids),
-            batch.labels,
-            batch.label_mask,
+            labels,
+            label_mask,
             0.0,
             0.0,
         )
@@ -414,9 +414,11 @@ def evaluate_version(
     seed: int = 0,
     batch_size: int = 32,
     max_prompt_tokens: int = 64,
+    quantile: int | None = 0,
 ) -> EvalResult:
-    """Sample top-token completions for ``prompts`` and measure reward, perplexity and KL
-    (a model version's held-out evaluation, as the promotion gate reads it).
+    """Sample completions for ``prompts`` conditioned on ``quantile`` (0: the top reward
+    token, None: no token) and measure reward, perplexity and KL (a model version's held-out
+    evaluation, as the promotion gate reads it).
 
     The sampling seed is fixed, so two versions evaluated on the same prompts draw the same
     random numbers: their per-prompt rewards are paired."""
@@ -431,7 +433,7 @@ def evaluate_version(
         for c in generate(
             qm,
             repeated,
-            0,
+            quantile,
             params,
             batch_size=batch_size,
             max_prompt_tokens=max_prompt_tokens,
@@ -443,7 +445,7 @@ def evaluate_version(
     result = EvalResult(
         reward=sum(rewards) / len(rewards),
         perplexity=perplexity(original, repeated, texts, batch_size, max_prompt_tokens),
-        kl=mean_kl(qm, original.model, repeated, texts, 0, batch_size, max_prompt_tokens),
+        kl=mean_kl(qm, original.model, repeated, texts, quantile, batch_size, max_prompt_tokens),
         prompts=len(prompts),
         samples=samples,
         prompt_rewards=tuple(sum(r) / len(r) for r in per_prompt),

@@ -98,7 +98,9 @@ def _maybe_start_continuous(rt: Runtime) -> str | None:
     job_id = f"auto-{int(time.time())}"
     if not rt.jobs.mark_queued(job_id, rt.settings.job_hard_time_limit_s):
         return None  # one continuous job is already waiting
-    rt.jobs.register(job_id, f"continuous: {reason}", {})
+    # No overrides: the job takes QUARK_OBJECTIVE and the other settings.
+    objective = rt.settings.unlearn.objective
+    rt.jobs.register(job_id, f"continuous ({objective}): {reason}", {})
     unlearn.apply_async(kwargs={"overrides": {}}, task_id=job_id, queue=TRAINING_QUEUE)
     log.info("continuous mode started job %s: %s", job_id, reason)
     return job_id
@@ -113,7 +115,8 @@ def _maybe_start_continuous(rt: Runtime) -> str | None:
     time_limit=settings.job_hard_time_limit_s,
 )
 def unlearn(self: Task, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One unlearn job (see quark.online.job.run_unlearn); its id is the job id.
+    """One unlearn job of either objective (quark.online.objectives.run_job); its id is the
+    job id.
 
     Every delivery reads the job's record before anything else: a finished job keeps its
     fate, a cancelled one never starts, and one whose earlier attempt died with its worker
@@ -233,7 +236,8 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
         except redis.RedisError:
             return False  # cannot tell during a Redis outage: keep going
 
-    from quark.online.job import JobCancelled, JobSuspended, drop_checkpoint, run_unlearn
+    from quark.online.job import JobCancelled, JobSuspended, drop_checkpoint
+    from quark.online.objectives import run_job
 
     progress({})
     params = rt.settings.unlearn_params(overrides)
@@ -244,7 +248,7 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
     deadline = time.monotonic() + rt.settings.job_soft_time_limit_s
     checkpoint_dir = rt.settings.data_dir / "checkpoints" / job_id
     try:
-        return run_unlearn(
+        return run_job(  # params.objective picks the job: Quark or ACFT
             deps,
             params,
             job_id=job_id,
@@ -275,6 +279,7 @@ def _deps(rt: Runtime, spec: str) -> UnlearnDeps:
         reward_fn=reward_fn(spec),
         device=rt.settings.device,
         rescore=spec != rt.scoring_spec,  # an admin override: score the window again
+        utility_text=rt.settings.acft_utility_text,
     )
 
 

@@ -113,7 +113,9 @@ def start_unlearn(
     backend: BackendDep,
     body: UnlearnRequest | None = None,
 ) -> JobCreated:
-    """Queue an unlearn job on the training workers; poll ``GET /admin/jobs/{job_id}``."""
+    """Queue an unlearn job on the training workers; poll ``GET /admin/jobs/{job_id}``.
+    ``objective`` picks Quark (default: ``QUARK_OBJECTIVE``) or ACFT; an unknown one is a
+    400 naming the valid values."""
     overrides = body.model_dump(exclude_none=True) if body else {}
     try:
         backend.settings.unlearn_params(overrides)  # 400 now rather than a failed job
@@ -213,13 +215,22 @@ def _version_view(backend: Backend, version: str, active: str | None) -> dict[st
     except CorruptVersion:
         return view
     meta.pop("files", None)  # per-file digests: long and only for verification
-    return {**view, "metadata": meta}
+    return {**view, "objective": _objective(meta), "metadata": meta}
+
+
+def _objective(meta: dict[str, Any]) -> str | None:
+    """Which objective made a version: recorded since ACFT exists; an older trained version
+    was Quark's; the base version (v0000) was trained by none."""
+    if meta.get("kind") != "unlearn":
+        return None
+    return str(meta.get("objective") or "quark")
 
 
 @router.get("/models")
 @_redis_errors
 def list_models(backend: BackendDep, request: Request) -> dict[str, Any]:
-    """Stored versions, oldest first, with metadata and whether each verifies (checksums,
+    """Stored versions, oldest first, with the objective that made each (``quark``, ``acft``,
+    None for the base), metadata and whether each verifies (checksums,
     cached until its files change); which is active; what this replica serves, and why that
     is not the active version (``degraded``) when it is not."""
     active = backend.store.active()

@@ -1,14 +1,20 @@
 """ACFT's hyper-parameters, declared once with help text and bounds (torch-free).
 
-Kept apart from ``QuarkConfig`` on purpose: the service's objective selector (docs/acft.md)
-will decide how the two meet; until then nothing derived from ``QuarkConfig`` changes.
+``ACFTConfig`` is the algorithm's own configuration. ``ObjectiveParams`` is the selector
+(``objective``: quark or acft) plus the ACFT hyper-parameters an operator tunes, each derived
+from its ``ACFTConfig`` field (``acft_<name>``, same default, bounds and help). The online
+job's parameters and ``quark train`` inherit it, so ``--objective``/``--acft-kl-coef``, the
+``QUARK_OBJECTIVE``/``QUARK_UNLEARN_ACFT_*`` settings and the ``POST /admin/unlearn`` fields
+all come from these declarations. The rest of ACFT's fields (steps, batch size, learning
+rate, ...) are shared with Quark's (``QuarkConfig``): :meth:`ObjectiveParams.acft_config`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
 
-from quark.config import Params, param
+from quark.config import OBJECTIVES, Params, param
 
 
 @dataclass
@@ -48,3 +54,51 @@ class ACFTConfig(Params):
     def effective_warmup(self, steps: int) -> int:
         """Warmup never longer than the run."""
         return min(self.warmup_steps, max(0, steps - 1))
+
+
+_ACFT_FIELDS = {f.name: f for f in fields(ACFTConfig)}
+#: ACFTConfig fields that ObjectiveParams exposes as ``acft_<name>``; the others are shared
+#: with QuarkConfig under the same name (see ObjectiveParams.acft_config).
+ACFT_OWN = ("threshold", "kl_coef", "aux_steps", "aux_rank", "aux_batch_size", "aux_lr",
+            "consistency_coef")  # fmt: skip
+
+
+def acft_param(name: str) -> Any:
+    """The ``acft_<name>`` field: the ACFTConfig field's default, bounds and help text."""
+    source = _ACFT_FIELDS[name]
+    if source.default is MISSING:
+        raise ValueError(f"ACFTConfig.{name} has no default")
+    meta = {k: v for k, v in source.metadata.items() if k != "help"}
+    return param(source.default, f"ACFT: {source.metadata['help']}", **meta)
+
+
+@dataclass
+class ObjectiveParams(Params):
+    """The objective selector and ACFT's own hyper-parameters (used when objective=acft)."""
+
+    objective: str = param(
+        "quark",
+        "What a job optimises: 'quark' (reward tokens: the clean output needs the top token) "
+        "or 'acft' (attribute-controlled fine-tuning: the default, no-token output becomes "
+        "clean; the promotion gate then judges the no-token output).",
+        choices=OBJECTIVES,
+        env="objective",
+    )
+    acft_threshold: float = acft_param("threshold")
+    acft_kl_coef: float = acft_param("kl_coef")
+    acft_aux_steps: int = acft_param("aux_steps")
+    acft_aux_rank: int = acft_param("aux_rank")
+    acft_aux_batch_size: int = acft_param("aux_batch_size")
+    acft_aux_lr: float = acft_param("aux_lr")
+    acft_consistency_coef: float = acft_param("consistency_coef")
+
+    def acft_config(self, shared: object | None = None) -> ACFTConfig:
+        """ACFTConfig: the ``acft_*`` fields, the others from the same-named fields of
+        ``shared`` (default: this object; QuarkConfig's steps, batch_size, lr, ...) where it
+        has them, else ACFTConfig's defaults."""
+        source = self if shared is None else shared
+        values = {name: getattr(self, f"acft_{name}") for name in ACFT_OWN}
+        for name in _ACFT_FIELDS:
+            if name not in values and hasattr(source, name):
+                values[name] = getattr(source, name)
+        return ACFTConfig(**values)

@@ -168,6 +168,17 @@ def promotion_gate(
     return GateDecision(not reasons, tuple(reasons), test)
 
 
+def judged_quantile(objective: str) -> int | None:
+    """Which output the gate judges a candidate of ``objective`` on: Quark's is the top
+    reward token (quantile 0); ACFT's is the default output, with no reward token (None).
+    Both versions of a comparison are evaluated on it, so the paired test is unchanged."""
+    if objective == "quark":
+        return 0
+    if objective == "acft":
+        return None
+    raise ValueError(f"objective={objective!r} is unknown; use quark or acft")
+
+
 @functools.lru_cache(maxsize=256)
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (0.5 <= p < 1) of Student's t with ``df`` >= 1 degrees of freedom.

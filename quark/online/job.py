@@ -22,7 +22,7 @@ import torch
 from quark.checkpoint import STATE_FILE
 from quark.evaluation import EvalResult, evaluate_version
 from quark.models import QuarkModel, load_model
-from quark.online.gate import is_held_out, promotion_gate
+from quark.online.gate import is_held_out, judged_quantile, promotion_gate
 from quark.online.params import UnlearnParams
 from quark.online.scoring import OnlinePool, unique_records
 from quark.pool import PoolRecord
@@ -55,7 +55,11 @@ class VersionStore(Protocol):
 
     def load(self, version: str, device: str = "auto") -> QuarkModel: ...
 
-    def publish(self, qm: QuarkModel, metadata: dict[str, Any]) -> str: ...
+    def publish(
+        self, qm: QuarkModel, metadata: dict[str, Any], extra_dirs: dict[str, Path] | None = None
+    ) -> str: ...
+
+    def aux_head(self, version: str) -> Path | None: ...
 
     def activate(self, version: str) -> dict[str, Any]: ...
 
@@ -82,6 +86,8 @@ class UnlearnDeps:
     # The job's reward differs from the one the pool was scored with (an admin override):
     # score the window again with it, in memory.
     rescore: bool = False
+    # ACFT jobs mix passages of this plain-text file into their corpus (None: pool only).
+    utility_text: Path | None = None
 
 
 @dataclass
@@ -152,17 +158,17 @@ class UnlearnJob:
             window = split_window(self._records(), self.params)
             needed = max(self.params.min_records, self.params.num_quantiles)
             if window.info["train_records"] < needed:
-                return _skipped(
+                return skipped_result(
                     parent,
                     window,
                     f"only {window.info['train_records']} scored "
                     f"training records in the window (need {needed})",
                 )
         if not window.eval_prompts:
-            return _skipped(parent, window, "no held-out prompts in the window")
+            return skipped_result(parent, window, "no held-out prompts in the window")
         qm, trainer, baseline = self._prepare(parent, window, resume)
         self._train(trainer, parent, window, baseline)
-        outcome = self._judge(qm, trainer, parent, window, baseline)
+        outcome = self._judge(qm, trainer.step, parent, window, baseline)
         drop_checkpoint(self.checkpoint_dir)
         outcome["seconds"] = time.time() - started
         return outcome
@@ -216,6 +222,7 @@ class UnlearnJob:
             top_p=self.params.eval_top_p,
             seed=self.params.seed,
             max_prompt_tokens=self.params.max_prompt_tokens,
+            quantile=judged_quantile(self.params.objective),
         )
 
     def _train(
@@ -255,7 +262,7 @@ class UnlearnJob:
     def _judge(
         self,
         qm: QuarkModel,
-        trainer: QuarkTrainer,
+        steps: int,
         parent: str,
         window: Window,
         baseline: EvalResult,
@@ -264,11 +271,11 @@ class UnlearnJob:
         if not baseline.prompt_rewards:
             # A checkpoint written before evaluations kept per-prompt rewards: the gate pairs
             # prompts, so evaluate the active version again (same prompts, same seed).
-            self.progress({"phase": "eval_active", "step": trainer.step})
+            self.progress({"phase": "eval_active", "step": steps})
             active = self.deps.store.load(parent, device=self.deps.device)
             baseline = self._evaluate(active, window.eval_prompts)
             del active
-        self.progress({"phase": "eval_candidate", "step": trainer.step})
+        self.progress({"phase": "eval_candidate", "step": steps})
         candidate = self._evaluate(qm, window.eval_prompts)
         gate = promotion_gate(
             candidate,
@@ -280,11 +287,12 @@ class UnlearnJob:
         )
         result = {
             "job_id": self.job_id,
+            "objective": self.params.objective,
             "parent": parent,
             "window": window.info,
             "eval": {"active": baseline.as_dict(), "candidate": candidate.as_dict()},
             "gate": gate.as_dict(),
-            "steps": trainer.step,
+            "steps": steps,
             "params": self.params.to_dict(),
         }
         self.progress({"phase": "gate", **gate.as_dict(), "eval": result["eval"]})
@@ -304,21 +312,31 @@ class UnlearnJob:
         metadata = {
             "parent": parent,
             "kind": "unlearn",
+            "objective": self.params.objective,
             "job_id": self.job_id,
             "config": self.params.to_dict(),
             "data_window": result["window"],
             "eval": result["eval"]["candidate"],
             "eval_parent": result["eval"]["active"],
             "gate": result["gate"],
+            **self._extra_metadata(parent),
         }
-        version = store.publish(qm, metadata)
+        version = store.publish(qm, metadata, self._extra_dirs())
         store.activate(version)
         pruned = store.prune(self.params.retention)
         self.progress({"phase": "published", "version": version})
         return {**result, "status": "published", "version": version, "pruned": pruned}
 
+    def _extra_metadata(self, parent: str) -> dict[str, Any]:
+        """More metadata of the published version (an ACFT job's auxiliary head)."""
+        return {}
 
-def _skipped(parent: str, window: Window, reason: str) -> dict[str, Any]:
+    def _extra_dirs(self) -> dict[str, Path]:
+        """Subdirectories published with the version (an ACFT job's auxiliary head)."""
+        return {}
+
+
+def skipped_result(parent: str, window: Window, reason: str) -> dict[str, Any]:
     log.info("unlearn job skipped: %s", reason)
     return {"status": "skipped", "reason": reason, "parent": parent, "window": window.info}
 

@@ -1,4 +1,6 @@
-"""The unlearn job's parameters: Quark's hyper-parameters plus the online ones, declared once.
+"""The unlearn job's parameters: Quark's hyper-parameters, the objective selector with ACFT's
+own hyper-parameters (``quark.acft.config.ObjectiveParams``), plus the online ones, declared
+once.
 
 The service derives its ``QUARK_UNLEARN_*`` settings and the ``POST /admin/unlearn`` request
 model from these fields (``quark.service.settings``, ``app.routes.admin_jobs``). Torch-free.
@@ -9,14 +11,19 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from quark.acft.config import ObjectiveParams
 from quark.config import QuarkConfig, param
 from quark.online.gate import DEFAULT_CONFIDENCE, DEFAULT_MARGIN, DEFAULT_MAX_KL
 from quark.rewards.factory import TASK_DEFAULT_REWARD
 
 
 @dataclass
-class UnlearnParams(QuarkConfig):
-    """Everything one unlearn job may be told; ``POST /admin/unlearn`` overrides any field."""
+class UnlearnParams(QuarkConfig, ObjectiveParams):
+    """Everything one unlearn job may be told; ``POST /admin/unlearn`` overrides any field.
+
+    ``objective`` picks the job (``quark.online.job`` or ``quark.online.acft_job``); an ACFT
+    job reads the shared fields (steps, batch_size, lr, response_length, explore_prompts, ...)
+    and its own ``acft_*`` ones."""
 
     window: int = param(2000, "Newest scored pool records a job trains on.", ge=1)
     min_records: int = param(50, "A job with fewer scored training records is skipped.", ge=2)
@@ -49,6 +56,10 @@ class UnlearnParams(QuarkConfig):
         DEFAULT_MAX_KL, "Promote only if the mean per-token KL to the original model <= this "
         "(caps drift summed over versions; a large value turns it off).", gt=0,
         env="gate_max_kl",
+    )  # fmt: skip
+    acft_utility_fraction: float = param(
+        0.25, "ACFT: share of the fine-tuning corpus drawn from the utility text "
+        "(QUARK_ACFT_UTILITY_TEXT; ignored while that is unset), for fluency.", ge=0, lt=1,
     )  # fmt: skip
     retention: int = param(
         5, "Newest model versions kept (plus active, its parent, v0000).", ge=1,

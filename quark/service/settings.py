@@ -8,6 +8,7 @@ bounds, same help text. Importing this module does not import torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import JsonDict
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from quark.config import BOUNDS
@@ -47,9 +49,17 @@ def params_model_fields(optional: bool, env: bool = False) -> dict[str, Any]:
         kind: Any = Annotated[types[f.name], Field(**bounds)] if bounds else types[f.name]
         default = None if optional or f.default is MISSING else f.default
         alias = AliasChoices(UNLEARN_ENV[f.name]) if env else None
+        # Choices are documented in the schema and checked by UnlearnParams (one message).
+        choices = f.metadata.get("choices")
+        extra: JsonDict | None = {"enum": list(choices)} if choices else None
         definitions[f.name] = (
             kind | None if optional else kind,
-            Field(default, description=f.metadata["help"], validation_alias=alias),
+            Field(
+                default,
+                description=f.metadata["help"],
+                validation_alias=alias,
+                json_schema_extra=extra,
+            ),
         )
     return definitions
 
@@ -73,7 +83,11 @@ def unlearn_params_from_env() -> UnlearnParams:
     try:
         return UnlearnParams(**values)
     except ValueError as exc:
-        named = [f"{name} is {env}" for name, env in UNLEARN_ENV.items() if f"{name}=" in str(exc)]
+        named = [
+            f"{name} is {env}"
+            for name, env in UNLEARN_ENV.items()
+            if re.search(rf"\b{name}=", str(exc))
+        ]
         raise ValueError(f"{exc}; fix the environment ({', '.join(named)})") from exc
 
 
@@ -174,6 +188,11 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: unlearn_params_from_env(),
         description="the unlearn job's parameters (QUARK_UNLEARN_*, ...; see UNLEARN_ENV)",
     )
+    acft_utility_text: Path | None = Field(
+        None,
+        description="ACFT jobs mix this plain-text file (one passage per line) into their "
+        "fine-tuning corpus, for fluency (unset = pool completions only)",
+    )
     job_soft_time_limit_s: int = Field(
         3600, ge=10, description="a job then checkpoints and is retried (resumes)"
     )
@@ -230,6 +249,11 @@ class ServiceSettings(BaseSettings):
                 f"QUARK_JOB_HARD_TIME_LIMIT_S={self.job_hard_time_limit_s} must exceed "
                 f"QUARK_JOB_SOFT_TIME_LIMIT_S={self.job_soft_time_limit_s} "
                 "(the soft limit checkpoints before the hard one kills)"
+            )
+        if self.acft_utility_text is not None and not self.acft_utility_text.is_file():
+            raise ValueError(
+                f"QUARK_ACFT_UTILITY_TEXT={self.acft_utility_text} is not a file; "
+                "point it at a plain-text file or unset it"
             )
         return self
 

@@ -2,7 +2,10 @@
 
 A version is a directory ``store_dir/vNNNN`` holding the weights (safetensors), the tokenizer
 with its reward tokens, ``quark.json`` (written by :func:`quark.models.save_model`) and
-``metadata.json`` (parent version, config, data window, evaluation, checksums). It appears
+``metadata.json`` (parent version, objective, config, data window, evaluation, checksums).
+A version made by ACFT also holds the auxiliary model it was fine-tuned with, ``aux_head/``
+(safetensors + JSON naming the version it was trained for); every file, in subdirectories
+too, is covered by the checksums. It appears
 under its final name only through one ``rename`` of a fully written and fsynced staging
 directory, so a reader never sees half a version, whatever dies when.
 
@@ -26,7 +29,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from quark.fsutil import fsync_path, sha256_file
+from quark.fsutil import fsync_path, fsync_tree, sha256_file
 from quark.service.keys import RedisKeys
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, not with the store
@@ -35,6 +38,8 @@ if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, not with
 log = logging.getLogger(__name__)
 
 METADATA_FILE = "metadata.json"
+#: Subdirectory of an ACFT version holding its auxiliary head (quark.acft.training.HEAD_DIR).
+AUX_HEAD_DIR = "aux_head"
 ACTIVE_FILE = "ACTIVE"
 _VERSION = re.compile(r"^v(\d{4,})$")
 _STAGING_PREFIXES = (".staging-", ".trash-")
@@ -111,12 +116,19 @@ def version_name(number: int) -> str:
     return f"v{number:04d}"
 
 
+def _files(directory: Path) -> list[Path]:
+    """Every file under a version directory, subdirectories included, in a stable order."""
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
 def file_digests(directory: Path) -> dict[str, str]:
-    """sha256 of every file in a version directory except metadata.json."""
+    """sha256 of every file in a version directory (by path relative to it, ``aux_head/...``
+    for a subdirectory's) except the top-level metadata.json."""
     digests = {}
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and path.name != METADATA_FILE:
-            digests[path.name] = sha256_file(path)
+    for path in _files(directory):
+        name = path.relative_to(directory).as_posix()
+        if name != METADATA_FILE:
+            digests[name] = sha256_file(path)
     return digests
 
 
@@ -195,6 +207,11 @@ class ModelStore:
         qm.metadata = {**qm.metadata, "version": version, "parent": meta.get("parent")}
         return qm
 
+    def aux_head(self, version: str) -> Path | None:
+        """The auxiliary head stored with an ACFT version (None for other versions)."""
+        path = self.path(version) / AUX_HEAD_DIR
+        return path if path.is_dir() else None
+
     def active(self) -> str | None:
         return self.pointer.get()
 
@@ -206,14 +223,24 @@ class ModelStore:
         return path.read_text().strip() or None
 
     # -- writing -------------------------------------------------------------------------
-    def publish(self, qm: QuarkModel, metadata: dict[str, Any]) -> str:
-        """Write ``qm`` as the next version, atomically; returns its name (not activated)."""
+    def publish(
+        self, qm: QuarkModel, metadata: dict[str, Any], extra_dirs: dict[str, Path] | None = None
+    ) -> str:
+        """Write ``qm`` as the next version, atomically; returns its name (not activated).
+
+        ``extra_dirs`` {name: directory} are copied into the version as subdirectories (an
+        ACFT version's ``aux_head``) and covered by its checksums like every other file."""
         from quark.models import save_model
 
         self.root.mkdir(parents=True, exist_ok=True)
         staging = self.root / f".staging-{uuid.uuid4().hex}"
         try:
             save_model(qm, staging)
+            for name, source in (extra_dirs or {}).items():
+                if "/" in name or name in ("", ".", ".."):
+                    raise ValueError(f"bad subdirectory name {name!r}")
+                shutil.copytree(source, staging / name)
+                fsync_tree(staging / name)
             digests = file_digests(staging)
             base = {**metadata, "files": digests, "checksum": weights_checksum(digests)}
             return self._rename_into_place(staging, base)
@@ -342,9 +369,10 @@ class VerificationCache:
 
 def _files_stamp(directory: Path) -> tuple[tuple[str, int, int, int], ...]:
     stamp = []
-    for path in sorted(directory.iterdir()):
+    for path in _files(directory):
         st = path.stat()
-        stamp.append((path.name, st.st_size, st.st_mtime_ns, st.st_ino))
+        name = path.relative_to(directory).as_posix()
+        stamp.append((name, st.st_size, st.st_mtime_ns, st.st_ino))
     return tuple(stamp)
 
 
