@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-import quark.online.job as online_job
+import quark.online.objectives as objectives
 import worker.tasks as tasks
 from quark.online.job import JobSuspended
 
@@ -74,7 +74,7 @@ def test_checkpoint_is_kept_only_for_a_retry(
     raised: type[BaseException],
     checkpoint_kept: bool,
 ) -> None:
-    patched.setattr(online_job, "run_unlearn", _failing_job(error))
+    patched.setattr(objectives, "run_job", _failing_job(error))
     with pytest.raises(raised):
         tasks._run_locked(FakeTask(retries, max_retries=3), _fake_runtime(tmp_path), "job-1", {})  # type: ignore[arg-type]
     assert (tmp_path / "checkpoints" / "job-1").exists() == checkpoint_kept
