@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 16], help="none: no timing")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per dtype")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one compute core)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
