@@ -28,7 +28,8 @@ import torch
 
 from app.decoding import DecodeBatch, Row, RowSampling, detokenize, make_batch
 from app.metrics import Metrics
-from quark.models import QuarkModel, load_model, resolve_source
+from quark.models import QuarkModel, load_model, resolve_device, resolve_source
+from quark.precision import cpu_has_native_bf16, dtype_name, resolve_dtype
 from quark.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class LoadedModel:
     qm: QuarkModel
     version: str
     context: int
+    dtype: str  # of its weights: "float32", "bfloat16", ...
     loaded_at: float = field(default_factory=time.time)
 
 
@@ -71,16 +73,42 @@ def model_version(qm: QuarkModel, path: Path | None) -> str:
     return digest.hexdigest()[:12]
 
 
+def serving_dtype(settings: ServiceSettings) -> torch.dtype:
+    """The precision versions are loaded in for serving (QUARK_DTYPE, ``auto`` resolved
+    for QUARK_DEVICE on this machine). Training loads its own models in float32."""
+    return resolve_dtype(settings.dtype, resolve_device(settings.device))
+
+
+def check_serving_dtype(settings: ServiceSettings) -> torch.dtype:
+    """Resolve the serving precision at start-up (a bad QUARK_DEVICE fails here, not at the
+    first load) and say in the log what was chosen and when it will be slow."""
+    dtype = serving_dtype(settings)
+    device = resolve_device(settings.device)
+    log.info("serving in %s (QUARK_DTYPE=%s, device %s)", dtype_name(dtype), settings.dtype, device)
+    emulated = dtype == torch.float16 or not cpu_has_native_bf16()
+    if device.type == "cpu" and dtype != torch.float32 and emulated:
+        log.warning(
+            "QUARK_DTYPE=%s on a CPU without native %s arithmetic: decoding may be slower "
+            "than float32",
+            settings.dtype,
+            dtype_name(dtype),
+        )
+    return dtype
+
+
 def load_version(source: str, settings: ServiceSettings) -> LoadedModel:
     """Load a model source the way the server serves it (blocking: seconds)."""
     path = resolve_source(source, settings.cache_dir)
-    qm = load_model(path, device=settings.device, cache_dir=settings.cache_dir)
+    qm = load_model(
+        path, device=settings.device, dtype=serving_dtype(settings), cache_dir=settings.cache_dir
+    )
     return wrap_model(qm, model_version(qm, path))
 
 
 def wrap_model(qm: QuarkModel, version: str) -> LoadedModel:
     context = int(getattr(qm.model.config, "max_position_embeddings", 0) or 2048)
-    return LoadedModel(qm, version, context)
+    dtype = next(qm.model.parameters()).dtype
+    return LoadedModel(qm, version, context, dtype_name(dtype))
 
 
 def engine_threads(configured: int) -> int:
@@ -217,6 +245,7 @@ class Engine:
             "queued": self._waiting_rows,
             "active": len(self._batch) if self._batch else 0,
             "model_version": self.model.version if self.model else None,
+            "dtype": self.model.dtype if self.model else None,
         }
 
     def stop(self, timeout: float = 10.0) -> None:

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from transformers.utils import logging as hf_logging
 
-from app.engine import Engine
+from app.engine import Engine, check_serving_dtype
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware, UnexpectedErrorMiddleware
@@ -98,6 +98,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     _check_admin_token(settings)
+    check_serving_dtype(settings)
     hf_logging.disable_progress_bar()  # every hot swap loads weights: no bars in service logs
     metrics = Metrics()
     app = FastAPI(title="quark-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import redis
 from prometheus_client import Counter, Gauge
 
+from app.engine import serving_dtype
 from app.metrics import Metrics
 from quark.models import QuarkModel
 from quark.service.redis_client import connect
@@ -224,7 +225,9 @@ class ModelWatcher:
         """Verify + load + stage ``version``; None, or why it was refused."""
         started = time.perf_counter()
         try:
-            qm = self.store.load(version, device=self.settings.device)
+            qm = self.store.load(
+                version, device=self.settings.device, dtype=serving_dtype(self.settings)
+            )
         except (StoreError, OSError, ValueError, RuntimeError) as exc:
             self.rejected.add(version)
             self._swaps.labels(outcome="rejected").inc()

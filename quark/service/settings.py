@@ -26,6 +26,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from quark.config import BOUNDS
 from quark.online.params import UnlearnParams
 from quark.paths import default_cache_dir
+from quark.precision import DTYPE_CHOICES
 
 
 def unlearn_env_name(field_name: str) -> str:
@@ -105,6 +106,11 @@ class ServiceSettings(BaseSettings):
         "default", description="'default' (SmolLM2-135M-Instruct), a HF dir or .gguf"
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: str = Field(
+        "auto",
+        description="precision of the served model: auto, float32, bfloat16, float16 (auto = "
+        "bfloat16 on CUDA or a CPU with native bf16, else float32; training stays float32)",
+    )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache")
     data_dir: Path = Field(
         default_factory=_default_data_dir, description="spool, model store, redis"
@@ -228,6 +234,17 @@ class ServiceSettings(BaseSettings):
         if isinstance(value, str):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
+
+    @field_validator("dtype", mode="after")
+    @classmethod
+    def _check_dtype(cls, value: str) -> str:
+        name = value.strip().lower()
+        if name not in DTYPE_CHOICES:
+            raise ValueError(
+                f"QUARK_DTYPE={value!r} is not a serving precision: use one of "
+                f"{', '.join(DTYPE_CHOICES)}"
+            )
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:

@@ -33,6 +33,8 @@ from quark.fsutil import fsync_path, fsync_tree, sha256_file
 from quark.service.keys import RedisKeys
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, not with the store
+    import torch
+
     from quark.models import QuarkModel
 
 log = logging.getLogger(__name__)
@@ -195,13 +197,19 @@ class ModelStore:
             raise CorruptVersion(f"{version}: weights checksum mismatch")
         return meta
 
-    def load(self, version: str, device: str = "auto") -> QuarkModel:
-        """Verify, then load a version (raises UnknownVersion / CorruptVersion)."""
+    def load(
+        self, version: str, device: str = "auto", dtype: torch.dtype | None = None
+    ) -> QuarkModel:
+        """Verify, then load a version (raises UnknownVersion / CorruptVersion); in
+        ``dtype`` (None: float32, as stored and trained)."""
         from quark.models import load_model
 
         meta = self.verify(version)
         try:
-            qm = load_model(self.path(version), device=device)
+            if dtype is None:
+                qm = load_model(self.path(version), device=device)
+            else:
+                qm = load_model(self.path(version), device=device, dtype=dtype)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise CorruptVersion(f"{version}: does not load ({exc})") from exc
         qm.metadata = {**qm.metadata, "version": version, "parent": meta.get("parent")}

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from app.decoding import RowSampling, decode_text
 from quark.models import load_model
@@ -123,7 +124,9 @@ def test_hot_swapped_output_equals_offline_generation(loop_stack: Stack) -> None
     prompt, seed = "Tell me a story about a river", 12345
     body = loop_stack.generate(prompt, reward="top", n=1, seed=seed, max_new_tokens=10, log=False)
     assert body["model_version"] == "v0001"
-    qm = load_model(store_of(loop_stack).path("v0001"), device="cpu")
+    # In the precision the server serves (QUARK_DTYPE=auto: bf16 where the CPU has it).
+    dtype = getattr(torch, httpx.get(f"{loop_stack.url}/readyz").json()["dtype"])
+    qm = load_model(store_of(loop_stack).path("v0001"), device="cpu", dtype=dtype)
     [(text, _)] = decode_text(qm, prompt, 0, [RowSampling(10, 1.0, 1.0, seed)])
     assert body["completions"][0]["text"] == text
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from app.decoding import RowSampling, decode_text
 from quark.models import QuarkModel, load_model
@@ -17,9 +18,11 @@ from .conftest import API_KEY, Server
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_model_dir: Path) -> QuarkModel:
-    """The same weights, loaded in the test process."""
-    return load_model(tiny_model_dir, device="cpu")
+def offline(tiny_model_dir: Path, server: Server) -> QuarkModel:
+    """The same weights, loaded in the test process in the precision the server serves
+    (QUARK_DTYPE=auto: bfloat16 on a CPU with native bf16, else float32)."""
+    dtype = httpx.get(f"{server.url}/readyz").json()["dtype"]
+    return load_model(tiny_model_dir, device="cpu", dtype=getattr(torch, dtype))
 
 
 def test_health_ready_and_metrics(server: Server) -> None:

@@ -32,8 +32,10 @@ class FakeEngine:
         self.model = Served(version)
 
 
-def _watcher(tmp_path: Path) -> tuple[ModelWatcher, FakeEngine, ModelStore, Metrics]:
-    settings = ServiceSettings(data_dir=tmp_path, device="cpu", admin_token="x")
+def _watcher(
+    tmp_path: Path, dtype: str = "float32"
+) -> tuple[ModelWatcher, FakeEngine, ModelStore, Metrics]:
+    settings = ServiceSettings(data_dir=tmp_path, device="cpu", admin_token="x", dtype=dtype)
     engine, metrics = FakeEngine(Served("base")), Metrics()
     # A client that is never connected: check() only touches the store and its pointer.
     watcher = ModelWatcher(settings, engine, metrics, client=redis.Redis(port=1))
@@ -56,6 +58,19 @@ def test_swaps_to_the_active_version_once(tmp_path: Path, tiny_qm: QuarkModel) -
     )
     assert watcher.check() is None  # already serving it
     assert _sample(metrics, "ok") == 1.0
+
+
+def test_versions_load_in_the_serving_dtype(tmp_path: Path, tiny_qm: QuarkModel) -> None:
+    watcher, engine, store, _ = _watcher(tmp_path, dtype="bfloat16")
+    store.activate(store.publish(tiny_qm, {"parent": None}))
+    assert watcher.check() == "v0000"
+    loaded = engine.swaps[0][0]
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
+    expected = tiny_qm.model.get_input_embeddings().weight.to(torch.bfloat16)
+    assert torch.equal(loaded.model.get_input_embeddings().weight, expected)
+    # The store itself keeps float32 weights: training loads them as they were trained.
+    stored = store.load("v0000", device="cpu")
+    assert {p.dtype for p in stored.model.parameters()} == {torch.float32}
 
 
 def test_a_corrupt_version_is_refused_and_not_retried(tmp_path: Path, tiny_qm: QuarkModel) -> None:
