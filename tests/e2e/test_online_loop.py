@@ -227,7 +227,11 @@ def test_worker_killed_mid_training_leaves_no_partial_version(
             "v0001",
         ]
         loop_stack.start_worker()
-    view = run_job(loop_stack, {"steps": 5, "reward_tolerance": 1.0})
+    # This checks the fate of a job after a killed worker, not what 5 steps at the stack's
+    # lr 1e-2 do to the tiny model (that depends on what the server happened to pool): the
+    # gate is opened so that any candidate is published.
+    open_gate = {"reward_tolerance": 1.0, "max_perplexity_rise": 1e6, "max_kl": 1e6}
+    view = run_job(loop_stack, {"steps": 5, **open_gate})
     assert view["state"] == "SUCCESS" and view["result"]["status"] == "published", view
     assert view["result"]["parent"] == "v0001"
     assert store.versions() == ["v0000", "v0001", "v0002"]
