@@ -1,7 +1,7 @@
 """One unlearn job: load the active version -> take the newest scored pool records (prompts of
 a held-out slice excluded) -> evaluate the active version on the held-out prompts -> train
 with the Quark loop against the frozen *original* model -> evaluate the candidate ->
-promotion gate -> publish + activate, or not. Entry point: :func:`run_unlearn`.
+promotion gate -> publish + activate, or not. Entry point: :func:`quark.online.objectives.run_job`.
 """
 
 from __future__ import annotations
@@ -113,29 +113,9 @@ def split_window(records: Sequence[tuple[str, PoolRecord]], params: UnlearnParam
     return Window(train, eval_prompts, info)
 
 
-def run_unlearn(
-    deps: UnlearnDeps,
-    params: UnlearnParams,
-    *,
-    job_id: str,
-    progress: Progress = _ignore,
-    should_stop: Callable[[], bool] = _never,
-    should_suspend: Callable[[], bool] = _never,
-    checkpoint_dir: Path | None = None,
-) -> dict[str, Any]:
-    """One unlearn job; returns its result (``status``: published, rejected, skipped, stale).
-
-    ``should_stop`` cancels (raises JobCancelled, nothing published); ``should_suspend``
-    checkpoints into ``checkpoint_dir`` and raises JobSuspended. A later call with the same
-    ``checkpoint_dir`` and the same active version resumes from the checkpoint.
-    """
-    job = UnlearnJob(deps, params, job_id, progress, should_stop, should_suspend, checkpoint_dir)
-    return job.run()
-
-
 @dataclass
 class UnlearnJob:
-    """One unlearn job; see :func:`run_unlearn` (its entry point)."""
+    """One unlearn job; run by :func:`quark.online.objectives.run_job`."""
 
     deps: UnlearnDeps
     params: UnlearnParams

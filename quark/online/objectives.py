@@ -27,7 +27,12 @@ def run_job(
     should_suspend: Callable[[], bool] = _never,
     checkpoint_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """One unlearn job of ``params.objective`` (see ``quark.online.job.run_unlearn`` for the
-    arguments, the result and the exceptions; both objectives share them)."""
+    """One unlearn job of ``params.objective``; returns its result (``status``: published,
+    rejected, skipped, stale).
+
+    ``should_stop`` cancels (raises JobCancelled, nothing published); ``should_suspend``
+    checkpoints into ``checkpoint_dir`` and raises JobSuspended. A later call with the same
+    ``checkpoint_dir`` and the same active version resumes from the checkpoint.
+    """
     job = JOBS[params.objective]
     return job(deps, params, job_id, progress, should_stop, should_suspend, checkpoint_dir).run()

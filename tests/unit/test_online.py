@@ -13,7 +13,8 @@ import pytest
 from quark.evaluation import EvalResult
 from quark.models import QuarkModel, load_model
 from quark.online.gate import DEFAULT_MAX_KL, GateDecision, is_held_out, promotion_gate
-from quark.online.job import JobCancelled, JobSuspended, UnlearnDeps, run_unlearn, split_window
+from quark.online.job import JobCancelled, JobSuspended, UnlearnDeps, split_window
+from quark.online.objectives import run_job
 from quark.online.params import UnlearnParams
 from quark.online.scoring import score_pending, trigger_reason
 from quark.pool import PoolRecord
@@ -240,9 +241,7 @@ def test_job_publishes_a_child_of_the_active_version(
 ) -> None:
     deps, _ = job_env
     events: list[dict[str, Any]] = []
-    result = run_unlearn(
-        deps, UnlearnParams.from_dict(FAST), job_id="job-1", progress=events.append
-    )
+    result = run_job(deps, UnlearnParams.from_dict(FAST), job_id="job-1", progress=events.append)
     assert result["status"] == "published" and result["version"] == "v0001"
     assert deps.store.active() == "v0001"
     meta = deps.store.metadata("v0001")
@@ -267,7 +266,7 @@ def test_job_rejected_by_the_gate_publishes_nothing(
 ) -> None:
     deps, _ = job_env
     params = UnlearnParams.from_dict({**FAST, "max_kl": 1e-12})  # any drift fails
-    result = run_unlearn(deps, params, job_id="job-2")
+    result = run_job(deps, params, job_id="job-2")
     assert result["status"] == "rejected" and result["gate"]["passed"] is False
     assert deps.store.versions() == ["v0000"] and deps.store.active() == "v0000"
 
@@ -278,7 +277,7 @@ def test_job_with_too_few_records_is_skipped(tmp_path: Path, tiny_model_dir: Pat
     pool = FakePool(_records(3))
     score_pending(pool, KeywordShareReward("the"), 8)
     deps = UnlearnDeps(store, pool, load_model(tiny_model_dir), KeywordShareReward("the"), "cpu")
-    result = run_unlearn(deps, UnlearnParams.from_dict(FAST), job_id="job-3")
+    result = run_job(deps, UnlearnParams.from_dict(FAST), job_id="job-3")
     assert result["status"] == "skipped" and "need 10" in result["reason"]
 
 
@@ -289,7 +288,7 @@ def test_cancelled_job_stops_without_publishing(
     steps: list[int] = []
     checkpoint = tmp_path / "ckpt"
     with pytest.raises(JobCancelled):
-        run_unlearn(
+        run_job(
             deps,
             UnlearnParams.from_dict(FAST),
             job_id="job-4",
@@ -304,7 +303,7 @@ def _suspend_at_step_3(deps: UnlearnDeps, checkpoint: Path, job_id: str) -> None
     """Run a job until it suspends (checkpointing) at step 3."""
     events: list[dict[str, Any]] = []
     with pytest.raises(JobSuspended):
-        run_unlearn(
+        run_job(
             deps,
             UnlearnParams.from_dict(FAST),
             job_id=job_id,
@@ -322,7 +321,7 @@ def test_suspended_job_resumes_from_its_checkpoint(
     _suspend_at_step_3(deps, checkpoint, "job-5")
     assert (checkpoint / "resume.json").is_file() and deps.store.versions() == ["v0000"]
     resumed: list[dict[str, Any]] = []
-    result = run_unlearn(
+    result = run_job(
         deps,
         UnlearnParams.from_dict(FAST),
         job_id="job-5",
@@ -346,7 +345,7 @@ def test_a_checkpoint_without_per_prompt_rewards_evaluates_the_active_version_ag
     del state["baseline"]["prompt_rewards"]
     (checkpoint / "resume.json").write_text(json.dumps(state))
     resumed: list[dict[str, Any]] = []
-    result = run_unlearn(
+    result = run_job(
         deps,
         UnlearnParams.from_dict(FAST),
         job_id="job-7",
@@ -369,8 +368,6 @@ def test_a_rollback_during_the_job_is_not_overridden(
         if event.get("phase") == "gate":
             deps.store.activate(other)
 
-    result = run_unlearn(
-        deps, UnlearnParams.from_dict(FAST), job_id="job-6", progress=rollback_midway
-    )
+    result = run_job(deps, UnlearnParams.from_dict(FAST), job_id="job-6", progress=rollback_midway)
     assert result["status"] == "stale" and deps.store.active() == other
     assert deps.store.versions() == ["v0000", other]
