@@ -428,18 +428,10 @@ def evaluate_version(
     was_training = qm.model.training
     qm.model.eval()
     params = SamplingParams(max_new_tokens, 1.0, top_p)
-    texts = [
-        c.text
-        for c in generate(
-            qm,
-            repeated,
-            quantile,
-            params,
-            batch_size=batch_size,
-            max_prompt_tokens=max_prompt_tokens,
-            seed=seed,
-        )
-    ]
+    grouped = sample_many(
+        qm, prompts, quantile, samples, params, batch_size, max_prompt_tokens, seed
+    )
+    texts = [t for group in grouped for t in group]  # aligned with ``repeated``
     rewards = reward_fn(repeated, texts)
     per_prompt = [rewards[i * samples : (i + 1) * samples] for i in range(len(prompts))]
     result = EvalResult(
