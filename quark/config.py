@@ -151,7 +151,7 @@ class QuarkConfig(Params):
     train_quantiles: str = param(
         "all",
         "Which quantiles train: 'all' (the paper), 'extremes' (best and worst only) or 'best' "
-        "(the best only, as AlpacaFarm's variant).",
+        "(the best only, as AlpacaFarm's variant; recommended: docs/results.md, ablation 3).",
         choices=TRAIN_QUANTILES,
     )
     token_lr: float | None = param(

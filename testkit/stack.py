@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import redis
 
+from quark.service.tasks import QUEUES
 from quark.service.up import api_argv, beat_argv, free_port, worker_argv
 from testkit.env import isolated_env
 
@@ -113,9 +114,10 @@ class Stack:
         wait_for(ready, timeout, "the server to be ready")
         return proc
 
-    def start_worker(self, timeout: float = 180) -> Proc:
+    def start_worker(self, timeout: float = 180, queues: Sequence[str] = QUEUES) -> Proc:
         node_name = f"e2e-{self.env['QUARK_KEY_PREFIX']}-{len(self.procs)}@%h"
-        proc = self._spawn("worker", worker_argv(node_name, "--without-mingle", "--without-gossip"))
+        extra = ("--without-mingle", "--without-gossip")
+        proc = self._spawn("worker", worker_argv(node_name, *extra, queues=queues))
 
         def ready() -> bool:
             if not proc.alive():

@@ -7,16 +7,19 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
+from celery import Task
+from celery.exceptions import Ignore
 
 from quark.online.params import reward_spec
 from quark.online.scoring import score_pending
 from quark.rewards import RewardFn, build_reward
+from quark.service.aux_heads import AuxHeads
 from quark.service.jobs import JobRegistry
 from quark.service.keys import RedisKeys
 from quark.service.redis_client import connect
@@ -26,6 +29,7 @@ from quark.service.store import ModelStore, RedisVersionPointer, ensure_initial_
 
 if TYPE_CHECKING:
     from quark.models import QuarkModel
+    from quark.online.job import UnlearnDeps
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,8 @@ WORKER_REDIS_TIMEOUT_S = 30.0
 
 # Set when the worker starts a warm shutdown: a running job checkpoints and is re-queued.
 SHUTTING_DOWN = threading.Event()
+
+CANCELLED = "CANCELLED"  # the Celery state of a cancelled job
 
 
 @dataclass
@@ -171,3 +177,64 @@ def original_model(source: str, device: str) -> QuarkModel:
     qm.model.requires_grad_(False)
     qm.model.eval()
     return qm
+
+
+def job_deps(rt: Runtime, spec: str) -> UnlearnDeps:
+    """What a job of either kind needs, from the worker's caches."""
+    from quark.online.job import UnlearnDeps
+
+    return UnlearnDeps(
+        store=rt.store,
+        pool=rt.pool,
+        original=original_model(rt.settings.model, rt.settings.device),
+        reward_fn=reward_fn(spec),
+        device=rt.settings.device,
+        rescore=spec != rt.scoring_spec,  # an admin override: score the window again
+        utility_text=rt.settings.acft_utility_text,
+        heads=AuxHeads(rt.store),
+    )
+
+
+def progress_reporter(
+    task: Task, jobs: JobRegistry, job_id: str, state: dict[str, Any]
+) -> Callable[[dict[str, Any]], None]:
+    """A job's progress callback: merges each event into ``state`` and records it in Celery's
+    task state and in the registry (which outlives Celery's meta: the result replaces it)."""
+
+    def progress(event: dict[str, Any]) -> None:
+        state.update(event)
+        try:
+            task.update_state(state="PROGRESS", meta=dict(state))
+            jobs.set_progress(job_id, state)
+        except redis.RedisError as exc:  # progress is best effort: training goes on
+            log.warning("job %s: progress not recorded (%s)", job_id, exc)
+
+    return progress
+
+
+def cancel_check(jobs: JobRegistry, job_id: str) -> Callable[[], bool]:
+    """A job's ``should_stop``: whether it was cancelled (False while Redis cannot tell)."""
+
+    def cancelled() -> bool:
+        try:
+            return jobs.cancelled(job_id)
+        except redis.RedisError:
+            return False  # cannot tell during a Redis outage: keep going
+
+    return cancelled
+
+
+def cancel_task(
+    task: Task,
+    jobs: JobRegistry | None,
+    reason: str,
+    state: dict[str, Any] | None = None,
+) -> NoReturn:
+    """End a task as CANCELLED; also in ``jobs``, the job registry, first (None: it is
+    recorded there already)."""
+    meta = {**(state or {}), "phase": "cancelled", "reason": reason}
+    # The registry first: a reader that sees Celery's CANCELLED must also find the result.
+    if jobs is not None:
+        jobs.set_result(str(task.request.id), {"status": "cancelled", "reason": reason})
+    task.update_state(state=CANCELLED, meta=meta)
+    raise Ignore()

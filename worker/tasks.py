@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any
 
 import redis
 from celery import Task
@@ -14,15 +14,19 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from quark.service.jobs import JobLost
 from quark.service.tasks import SCORE_TASK, TICK_TASK, TRAINING_QUEUE, UNLEARN_TASK
 from quark.service.worker_status import Heartbeat
+from worker.aux_tasks import maybe_queue_aux, parallel_scheme
 from worker.celery_app import app, settings
-from worker.runtime import SHUTTING_DOWN, Runtime, original_model, reward_fn, runtime
-
-if TYPE_CHECKING:
-    from quark.online.job import UnlearnDeps
+from worker.runtime import (
+    SHUTTING_DOWN,
+    Runtime,
+    cancel_check,
+    cancel_task,
+    job_deps,
+    progress_reporter,
+    runtime,
+)
 
 log = logging.getLogger(__name__)
-
-CANCELLED = "CANCELLED"
 
 # Tells the servers (/readyz, quark_worker_up) that this worker runs; no connection yet.
 HEARTBEAT = Heartbeat(settings.redis_url, settings.key_prefix)
@@ -72,6 +76,8 @@ def tick() -> None:
     """Beat's heartbeat: score what is pending, then start a job if continuous mode says so."""
     rt = runtime()
     rt.score(blocking_s=0.0)
+    if parallel_scheme(rt):
+        maybe_queue_aux(rt)
     if rt.settings.continuous:
         _maybe_start_continuous(rt)
 
@@ -131,7 +137,7 @@ def unlearn(self: Task, overrides: dict[str, Any] | None = None) -> dict[str, An
     if done is not None:
         return _replay(self, dict(done))  # a re-delivered message of a finished job
     if cancelled:
-        _cancelled(self, "cancelled before it started")
+        cancel_task(self, rt.jobs, "cancelled before it started")
     attempt = int(self.request.retries) + 1
     _claim(rt, job_id, attempt, started="progress" in info)
     try:
@@ -213,7 +219,7 @@ def _replay(task: Task, done: dict[str, Any]) -> dict[str, Any]:
     """The recorded fate again (Celery's state follows it); nothing is redone."""
     status = done.get("status")
     if status == "cancelled":
-        _cancelled(task, str(done.get("reason", "cancelled")), record=False)
+        cancel_task(task, None, str(done.get("reason", "cancelled")))
     if status == "failed":
         raise JobLost(str(done.get("reason") or done.get("error") or "failed"))
     return done
@@ -222,20 +228,7 @@ def _replay(task: Task, done: dict[str, Any]) -> dict[str, Any]:
 def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any]) -> dict[str, Any]:
     state: dict[str, Any] = {"phase": "score", "attempt": int(task.request.retries) + 1}
 
-    def progress(event: dict[str, Any]) -> None:
-        state.update(event)
-        try:
-            task.update_state(state="PROGRESS", meta=dict(state))
-            rt.jobs.set_progress(job_id, state)  # outlives Celery's meta (the result replaces it)
-        except redis.RedisError as exc:  # progress is best effort: training goes on
-            log.warning("job %s: progress not recorded (%s)", job_id, exc)
-
-    def cancelled() -> bool:
-        try:
-            return rt.jobs.cancelled(job_id)
-        except redis.RedisError:
-            return False  # cannot tell during a Redis outage: keep going
-
+    progress = progress_reporter(task, rt.jobs, job_id, state)
     from quark.online.job import JobCancelled, JobSuspended, drop_checkpoint
     from quark.online.objectives import run_job
 
@@ -244,7 +237,7 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
     rt.score(blocking_s=60.0)
     rt.jobs.mark_started(int(rt.pool.stats()["scored"]))
     rt.ensure_active()
-    deps = _deps(rt, params.reward_spec)
+    deps = job_deps(rt, params.reward_spec)
     deadline = time.monotonic() + rt.settings.job_soft_time_limit_s
     checkpoint_dir = rt.settings.data_dir / "checkpoints" / job_id
     try:
@@ -253,12 +246,12 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
             params,
             job_id=job_id,
             progress=progress,
-            should_stop=cancelled,
+            should_stop=cancel_check(rt.jobs, job_id),
             should_suspend=lambda: SHUTTING_DOWN.is_set() or time.monotonic() > deadline,
             checkpoint_dir=checkpoint_dir,
         )
     except JobCancelled as exc:
-        _cancelled(task, str(exc), state)
+        cancel_task(task, rt.jobs, str(exc), state)
     except Exception as exc:
         suspended = isinstance(exc, (JobSuspended, SoftTimeLimitExceeded))
         if suspended and task.request.retries < task.max_retries:
@@ -267,28 +260,3 @@ def _run_locked(task: Task, rt: Runtime, job_id: str, overrides: dict[str, Any])
             raise task.retry(exc=exc, countdown=5) from exc
         drop_checkpoint(checkpoint_dir)  # failed or out of retries: this job id never runs again
         raise
-
-
-def _deps(rt: Runtime, spec: str) -> UnlearnDeps:
-    from quark.online.job import UnlearnDeps
-
-    return UnlearnDeps(
-        store=rt.store,
-        pool=rt.pool,
-        original=original_model(rt.settings.model, rt.settings.device),
-        reward_fn=reward_fn(spec),
-        device=rt.settings.device,
-        rescore=spec != rt.scoring_spec,  # an admin override: score the window again
-        utility_text=rt.settings.acft_utility_text,
-    )
-
-
-def _cancelled(
-    task: Task, reason: str, state: dict[str, Any] | None = None, record: bool = True
-) -> NoReturn:
-    meta = {**(state or {}), "phase": "cancelled", "reason": reason}
-    # The registry first: a reader that sees Celery's CANCELLED must also find the result.
-    if record:
-        runtime().jobs.set_result(str(task.request.id), {"status": "cancelled", "reason": reason})
-    task.update_state(state=CANCELLED, meta=meta)
-    raise Ignore()

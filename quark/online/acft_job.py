@@ -14,6 +14,7 @@ samples came from (docs/acft.md). The next job's base is the version this one pu
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -43,6 +44,7 @@ from quark.evaluation import EvalResult
 from quark.models import QuarkModel, frozen_copy, load_model
 from quark.online.job import (
     RESUME_FILE,
+    HeadStore,
     JobCancelled,
     NoActiveVersion,
     UnlearnJob,
@@ -69,6 +71,8 @@ class Plan:
     samples: list[LabelledSample]  # the auxiliary model's labelled samples
     corpus: list[Example]  # the LLM's fine-tuning corpus
     phase: str = "aux"  # "aux", then "llm"
+    # Parallel scheme: the version whose published head (and weights, for q) this job uses.
+    head_version: str | None = None
 
     def to_json(self, parent: str, baseline: EvalResult) -> dict[str, Any]:
         return {
@@ -79,6 +83,7 @@ class Plan:
             "samples": [[s.prompt, s.completion, s.satisfied] for s in self.samples],
             "corpus": [[e.prompt, e.completion] for e in self.corpus],
             "phase": self.phase,
+            "head_version": self.head_version,
         }
 
     @classmethod
@@ -86,7 +91,8 @@ class Plan:
         window = Window([], list(state["eval_prompts"]), dict(state["window"]))
         samples = [LabelledSample(p, c, bool(s)) for p, c, s in state["samples"]]
         corpus = [Example(p, c) for p, c in state["corpus"]]
-        return cls(window, samples, corpus, str(state["phase"]))
+        head_version = state.get("head_version")
+        return cls(window, samples, corpus, str(state["phase"]), head_version)
 
 
 def unprompted_records(records: list[PoolRecord], version: str) -> list[PoolRecord]:
@@ -130,7 +136,7 @@ class ACFTJob(UnlearnJob):
             baseline = self._evaluate(qm, window.eval_prompts)
             self.progress({"phase": "sample", "eval_active": baseline.as_dict()})
             plan = self._plan(qm, parent, window)
-            if not plan.samples:
+            if not plan.samples and plan.head_version is None:
                 reason = "no samples of the active version's default output"
                 return skipped_result(parent, window, reason)
         outcome = self._train_and_judge(qm, parent, plan, baseline)
@@ -150,12 +156,31 @@ class ACFTJob(UnlearnJob):
             return "no held-out prompts in the window"
         if not accepted_examples(window.train, self.params.acft_threshold):
             return f"no completion in the window has reward >= {self.params.acft_threshold}"
+        if self.params.acft_parallel and self._heads().latest() is None:
+            return "no auxiliary head published yet (the aux task trains one per version)"
         return None
 
     def _plan(self, qm: QuarkModel, parent: str, window: Window) -> Plan:
-        """Labelled samples of the active version's default output, and the corpus."""
+        """The corpus, and the auxiliary model's samples unless the head comes from the
+        parallel scheme (then ``head_version`` says whose head)."""
+        if self.params.acft_parallel:
+            found = self._heads().latest()
+            if found is None:  # pruned since _refusal looked
+                return Plan(window, [], [])
+            head_version = found[0]
+            window.info.update(head_version=head_version)
+            return Plan(window, [], self._corpus(window), phase="llm", head_version=head_version)
+        samples = self.aux_samples(qm, parent, window)
+        window.info.update(
+            aux_samples=len(samples), aux_satisfied=sum(s.satisfied for s in samples)
+        )
+        return Plan(window, samples, self._corpus(window))
+
+    def aux_samples(self, qm: QuarkModel, version: str, window: Window) -> list[LabelledSample]:
+        """Labelled samples of ``version``'s default output (``qm``): its no-token pool
+        records, plus fresh samples of ``explore_prompts`` training prompts."""
         cfg, rng = self.config, random.Random(self.params.seed)
-        samples = label_records(unprompted_records(window.train, parent), cfg.threshold)
+        samples = label_records(unprompted_records(window.train, version), cfg.threshold)
         prompts = sorted({r.prompt for r in window.train})
         explore = rng.sample(prompts, min(self.params.explore_prompts, len(prompts)))
         explore = [p for p in explore for _ in range(self.params.samples_per_prompt)]
@@ -172,17 +197,21 @@ class ACFTJob(UnlearnJob):
                 seed=self.params.seed,
                 batch_size=self.params.generation_batch_size,
             )
-        accepted = accepted_examples(window.train, cfg.threshold)
+        return samples
+
+    def _corpus(self, window: Window) -> list[Example]:
+        rng = random.Random(self.params.seed + 1)
+        accepted = accepted_examples(window.train, self.config.threshold)
         corpus = mix_corpus(
             accepted, self.deps.utility_text, self.params.acft_utility_fraction, rng
         )
-        window.info.update(
-            aux_samples=len(samples),
-            aux_satisfied=sum(s.satisfied for s in samples),
-            corpus=len(corpus),
-            corpus_utility=len(corpus) - len(accepted),
-        )
-        return Plan(window, samples, corpus)
+        window.info.update(corpus=len(corpus), corpus_utility=len(corpus) - len(accepted))
+        return corpus
+
+    def _heads(self) -> HeadStore:
+        if self.deps.heads is None:
+            raise ValueError("acft_parallel needs a head store (UnlearnDeps.heads)")
+        return self.deps.heads
 
     def _load_policy(self, parent: str, plan: Plan) -> QuarkModel:
         """A resumed job's policy: the LLM checkpoint if the LLM phase had started."""
@@ -195,8 +224,12 @@ class ACFTJob(UnlearnJob):
         self, qm: QuarkModel, parent: str, plan: Plan, baseline: EvalResult
     ) -> dict[str, Any]:
         torch.manual_seed(self.params.seed)
-        base = frozen_copy(self.deps.store.load(parent, device=self.deps.device))
-        head = self._train_aux(qm, base, parent, plan, baseline)
+        if plan.head_version is not None:  # parallel scheme: q from the head's own version
+            head = self._published_head(qm, plan.head_version)
+            base = frozen_copy(self.deps.store.load(plan.head_version, device=self.deps.device))
+        else:
+            base = frozen_copy(self.deps.store.load(parent, device=self.deps.device))
+            head = self._train_aux(qm, base, parent, plan, baseline)
         steps = self._train_llm(qm, base, head, parent, plan, baseline)
         del base
         with tempfile.TemporaryDirectory(prefix="acft-head-") as tmp:
@@ -207,7 +240,11 @@ class ACFTJob(UnlearnJob):
     # -- the auxiliary model --------------------------------------------------------------
     def _first_head(self, qm: QuarkModel, parent: str) -> AuxHead:
         """The parent's head when it has a usable one (a warm start), else a zero head."""
-        stored = self.deps.store.aux_head(parent)
+        return self.warm_head(qm, parent, self.deps.store.aux_head(parent))
+
+    def warm_head(self, qm: QuarkModel, source: str | None, stored: Path | None) -> AuxHead:
+        """The head in ``stored`` (trained for version ``source``) if its shape fits, as a
+        warm start; else a zero head (q = p)."""
         fresh = new_head(qm, self.config)
         if stored is not None:
             head = load_head(stored, qm.device)
@@ -216,10 +253,19 @@ class ACFTJob(UnlearnJob):
                 fresh.vocab_size,
                 fresh.rank,
             ):
-                self.head_info["warm_start"] = parent
+                self.head_info["warm_start"] = source
                 return head
         self.head_info["warm_start"] = None
         return fresh
+
+    def _published_head(self, qm: QuarkModel, version: str) -> AuxHead:
+        """The head the aux task published for ``version``: q = p_version * R, one or more
+        versions behind the policy (the paper's parallel scheme)."""
+        path = self._heads().get(version)
+        if path is None:
+            raise FileNotFoundError(f"the auxiliary head of {version} is gone (pruned?)")
+        self.head_info.update(base_version=version, parallel=True)
+        return load_head(path, qm.device)
 
     def _train_aux(
         self, qm: QuarkModel, base: torch.nn.Module, parent: str, plan: Plan, baseline: EvalResult
@@ -231,17 +277,18 @@ class ACFTJob(UnlearnJob):
         if resumable and aux_dir is not None:
             trainer.load_state(aux_dir)
         if plan.phase == "aux":
-            self._guarded(trainer, parent, plan, baseline, lambda: self._aux_loop(trainer, plan))
+            loop = functools.partial(self.aux_loop, trainer, plan.samples)
+            self._guarded(trainer, parent, plan, baseline, loop)
             plan.phase = "llm"
             self._save(trainer, AUX_DIR, parent, plan, baseline)
         self.head_info.update(steps=trainer.step, samples=len(plan.samples))
         return trainer.head
 
-    def _aux_loop(self, trainer: AuxTrainer, plan: Plan) -> None:
+    def aux_loop(self, trainer: AuxTrainer, samples: list[LabelledSample]) -> None:
         steps = self.config.aux_steps
         while trainer.step < steps:
             self._check_interrupted()
-            [stats] = trainer.fit(plan.samples, steps=1)
+            [stats] = trainer.fit(samples, steps=1)
             report = {f"aux_{k}": v for k, v in stats.as_dict().items()}
             self.head_info["final"] = report
             self.progress({"phase": "aux", "aux_step": trainer.step, "aux_steps": steps, **report})

@@ -66,6 +66,17 @@ class VersionStore(Protocol):
     def prune(self, retention: int) -> list[str]: ...
 
 
+class HeadStore(Protocol):
+    """Where ACFT's parallel scheme keeps auxiliary heads, one per version they were trained
+    for (``quark.service.aux_heads.AuxHeads``)."""
+
+    def get(self, version: str) -> Path | None: ...
+
+    def latest(self) -> tuple[str, Path] | None: ...
+
+    def publish(self, version: str, head_dir: Path, metadata: dict[str, Any]) -> Path: ...
+
+
 def _never() -> bool:
     return False
 
@@ -88,6 +99,8 @@ class UnlearnDeps:
     rescore: bool = False
     # ACFT jobs mix passages of this plain-text file into their corpus (None: pool only).
     utility_text: Path | None = None
+    # ACFT's parallel scheme: the heads the aux task publishes (None: no parallel scheme).
+    heads: HeadStore | None = None
 
 
 @dataclass

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from quark.online.acft_job import ACFTJob
+from quark.online.aux_job import AuxJob
 from quark.online.job import Progress, UnlearnDeps, UnlearnJob, _ignore, _never
 from quark.online.params import UnlearnParams
 
@@ -36,3 +37,19 @@ def run_job(
     """
     job = JOBS[params.objective]
     return job(deps, params, job_id, progress, should_stop, should_suspend, checkpoint_dir).run()
+
+
+def run_aux_job(
+    deps: UnlearnDeps,
+    params: UnlearnParams,
+    *,
+    job_id: str,
+    progress: Progress = _ignore,
+    should_stop: Callable[[], bool] = _never,
+    should_suspend: Callable[[], bool] = _never,
+) -> dict[str, Any]:
+    """ACFT's parallel scheme: train and publish the active version's auxiliary head
+    (``quark.online.aux_job``); returns its result (``status``: published, skipped).
+    ``should_stop`` cancels and ``should_suspend`` interrupts (JobCancelled / JobSuspended,
+    nothing published, no checkpoint: the job is short and a re-run starts over)."""
+    return AuxJob(deps, params, job_id, progress, should_stop, should_suspend, None).run()

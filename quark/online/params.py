@@ -61,6 +61,11 @@ class UnlearnParams(QuarkConfig, ObjectiveParams):
         0.25, "ACFT: share of the fine-tuning corpus drawn from the utility text "
         "(QUARK_ACFT_UTILITY_TEXT; ignored while that is unset), for fluency.", ge=0, lt=1,
     )  # fmt: skip
+    acft_parallel: bool = param(
+        False, "ACFT: the parallel scheme. The auxiliary head trains in its own Celery task "
+        "(queue 'aux', one head per new version) while LLM jobs run; an LLM job uses the "
+        "newest published head and builds q from the version that head was trained for.",
+    )  # fmt: skip
     retention: int = param(
         5, "Newest model versions kept (plus active, its parent, v0000).", ge=1,
         env="store_retention",

@@ -67,6 +67,10 @@ class RedisKeys:
     def continuous_queued(self) -> str:
         return f"{self.prefix}:unlearn:queued"
 
+    def aux_queued(self, version: str) -> str:
+        """Set while the parallel scheme's aux job for ``version`` is queued or running."""
+        return f"{self.prefix}:aux:queued:{version}"
+
     @property
     def continuous_last(self) -> str:
         return f"{self.prefix}:unlearn:last"

@@ -14,14 +14,17 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from quark.service.redis_client import answers
-from quark.service.tasks import QUEUES
+from quark.service.tasks import AUX_QUEUE, QUEUES
 from quark.service.worker_status import forget_quietly
+
+if TYPE_CHECKING:
+    from quark.service.settings import ServiceSettings
 
 log = logging.getLogger("quark.up")
 
@@ -335,7 +338,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if not args.no_worker and (split := thread_split(supervisor.env, os.cpu_count() or 1)):
             supervisor.env.update(split)
             print(f"torch threads: {split} (set either variable to choose)", flush=True)
-        _start_service(supervisor, host, port, args, settings.key_prefix)
+        _start_service(supervisor, host, port, args, settings)
         _announce(host, port, redis_url, token, generated, settings.data_dir)
         return _watch(supervisor)
     finally:
@@ -348,10 +351,11 @@ def api_argv(host: str, port: int) -> list[str]:
             "--host", host, "--port", str(port), "--timeout-graceful-shutdown", "30"]  # fmt: skip
 
 
-def worker_argv(node_name: str, *extra: str) -> list[str]:
-    """A Celery worker for both queues, one job at a time (solo pool: one model in memory)."""
+def worker_argv(node_name: str, *extra: str, queues: Sequence[str] = QUEUES) -> list[str]:
+    """A Celery worker for ``queues`` (default: scoring and training), one job at a time
+    (solo pool: one model in memory)."""
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
-            "--pool", "solo", "-Q", ",".join(QUEUES), "-n", node_name,
+            "--pool", "solo", "-Q", ",".join(queues), "-n", node_name,
             "--loglevel", "INFO", *extra]  # fmt: skip
 
 
@@ -361,23 +365,37 @@ def beat_argv(*extra: str) -> list[str]:
 
 
 def _start_service(
-    supervisor: Supervisor, host: str, port: int, args: argparse.Namespace, key_prefix: str
+    supervisor: Supervisor,
+    host: str,
+    port: int,
+    args: argparse.Namespace,
+    settings: ServiceSettings,
 ) -> None:
     """The API is the service: if it exits, everything stops (no policy). A worker or beat
     that dies is restarted; the API serves on meanwhile and /readyz shows the worker down."""
     supervisor.start("api", api_argv(host, port))
     if not args.no_worker:
-        node = f"quark-{os.getpid()}@{socket.gethostname()}"  # what Celery's %h expands to
-        redis_url = supervisor.env["QUARK_REDIS_URL"]
-        supervisor.start(
-            "worker",
-            worker_argv(node),
-            policy=RestartPolicy(),
-            # Servers see the worker down now, not when its heartbeat expires.
-            on_exit=lambda: forget_quietly(redis_url, key_prefix, node),
-        )
+        _start_worker(supervisor, "worker", QUEUES, settings.key_prefix)
+        if settings.unlearn.objective == "acft" and settings.unlearn.acft_parallel:
+            # ACFT's parallel scheme: heads train beside the LLM jobs (docs/acft.md).
+            _start_worker(supervisor, "aux-worker", (AUX_QUEUE,), settings.key_prefix)
     if not args.no_beat and not args.no_worker:
         supervisor.start("beat", beat_argv(), policy=RestartPolicy())
+
+
+def _start_worker(
+    supervisor: Supervisor, name: str, queues: Sequence[str], key_prefix: str
+) -> None:
+    label = "quark" if name == "worker" else f"quark-{name}"
+    node = f"{label}-{os.getpid()}@{socket.gethostname()}"  # what Celery's %h expands to
+    redis_url = supervisor.env["QUARK_REDIS_URL"]
+    supervisor.start(
+        name,
+        worker_argv(node, queues=queues),
+        policy=RestartPolicy(),
+        # Servers see the worker down now, not when its heartbeat expires.
+        on_exit=lambda: forget_quietly(redis_url, key_prefix, node),
+    )
 
 
 def _announce(

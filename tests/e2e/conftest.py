@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,21 @@ def loop_stack(
 ) -> Iterator[Stack]:
     """Server + worker on the shared Redis under a fresh key prefix."""
     workdir = tmp_path_factory.mktemp("loop")
-    prefix = f"qs-e2e-{uuid.uuid4().hex[:8]}"
-    env = service_env(toy_model_dir, REDIS_URL, prefix, workdir / "data", **FAST_JOBS)
-    stack = Stack(workdir, env)
-    try:
+    with shared_redis_stack(redis_client, toy_model_dir, workdir, FAST_JOBS) as stack:
         stack.start_worker()
         stack.start_server()
+        yield stack
+
+
+@contextmanager
+def shared_redis_stack(
+    redis_client: redis.Redis, model: Path, workdir: Path, overrides: dict[str, str]
+) -> Iterator[Stack]:
+    """A stack on the shared Redis under a fresh key prefix (no process started yet); its
+    processes are stopped and its keys dropped afterwards."""
+    prefix = f"qs-e2e-{uuid.uuid4().hex[:8]}"
+    stack = Stack(workdir, service_env(model, REDIS_URL, prefix, workdir / "data", **overrides))
+    try:
         yield stack
     finally:
         stack.stop()

@@ -54,7 +54,7 @@ def _failing_job(error: BaseException) -> Any:
 
 @pytest.fixture
 def patched(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    monkeypatch.setattr(tasks, "_deps", lambda *_: None)
+    monkeypatch.setattr(tasks, "job_deps", lambda *_: None)
     return monkeypatch
 
 
