@@ -118,14 +118,17 @@ def completion_nll(
     completions: Sequence[str],
     batch_size: int = 32,
     max_prompt_tokens: int | None = None,
+    quantile: int | None = None,
 ) -> list[tuple[float, int]]:
-    """(summed NLL in nats, token count) of each completion given its prompt, under the model."""
+    """(summed NLL in nats, token count) of each completion given its prompt, under the model
+    (conditioned on the reward token of ``quantile``; None: no token)."""
+    prefix = reference.prefix_ids(quantile)
     result: list[tuple[float, int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk_p = prompts[start : start + batch_size]
         chunk_c = completions[start : start + batch_size]
         ids, mask, labels, label_mask = encode_pairs(
-            reference, [[] for _ in chunk_p], chunk_p, chunk_c, max_prompt_tokens, None
+            reference, [prefix for _ in chunk_p], chunk_p, chunk_c, max_prompt_tokens, None
         )
         logits = completion_logits(reference.model, ids, mask, labels.shape[1])  # [B, T, V]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
@@ -142,9 +145,11 @@ def perplexity(
     completions: Sequence[str],
     batch_size: int = 32,
     max_prompt_tokens: int | None = None,
+    quantile: int | None = None,
 ) -> float:
-    """Perplexity of the completions given their prompts under the (original) model."""
-    pairs = completion_nll(reference, prompts, completions, batch_size, max_prompt_tokens)
+    """Perplexity of the completions given their prompts under the (original) model, or
+    under a trained one conditioned on ``quantile`` (held-out text: fluency of the model)."""
+    pairs = completion_nll(reference, prompts, completions, batch_size, max_prompt_tokens, quantile)
     total_nll = sum(nll for nll, _ in pairs)
     total_tokens = sum(tokens for _, tokens in pairs)
     return math.exp(total_nll / max(total_tokens, 1))

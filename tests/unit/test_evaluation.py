@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from quark.evaluation import (
+    completion_nll,
     diversity_metrics,
     evaluate,
     perplexity,
@@ -51,6 +53,24 @@ def test_perplexity_of_own_greedy_completions(tiny_qm: QuarkModel) -> None:
 def test_perplexity_of_empty_completions_after_a_one_token_prompt(tiny_qm: QuarkModel) -> None:
     """Regression: this used to fail in completion_logits (no position left for the label)."""
     assert perplexity(tiny_qm, ["Hi", "Rain"], ["", ""]) == 1.0  # no tokens: exp(0)
+
+
+def test_completion_nll_conditioned_on_a_reward_token(tiny_qm: QuarkModel) -> None:
+    """With ``quantile`` the rows start with that reward token: the NLL equals one computed
+    by hand from a single forward of (token + prompt + completion)."""
+    prompt, completion = PROMPTS[0], " mat and slept"
+    [(nll, count)] = completion_nll(tiny_qm, [prompt], [completion], quantile=0)
+    p_ids = tiny_qm.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tiny_qm.tokenizer(completion, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([tiny_qm.prefix_ids(0) + p_ids + c_ids])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(tiny_qm.model(ids).logits[0].float(), dim=-1)  # [L, V]
+    first = ids.shape[1] - len(c_ids)  # position of the first completion token
+    by_hand = -sum(logprobs[first + i - 1, t].item() for i, t in enumerate(c_ids))
+    assert count == len(c_ids)
+    assert nll == pytest.approx(by_hand, rel=1e-4)
+    [(untokened, _)] = completion_nll(tiny_qm, [prompt], [completion])
+    assert untokened != pytest.approx(nll, rel=1e-6)  # the token is really there
 
 
 def test_sample_many_shape(tiny_qm: QuarkModel) -> None:

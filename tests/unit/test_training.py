@@ -242,6 +242,7 @@ def test_quark_learns_to_condition_on_the_reward_token(
         max_prompt_tokens=16,
         generation_batch_size=64,
         seed=LEARN_SEED,
+        train_quantiles="all",  # the bottom token must learn too
     )  # kl_coef and entropy_coef keep the paper's values
     bottom = config.num_quantiles - 1
     length = config.response_length
