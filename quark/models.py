@@ -223,10 +223,12 @@ def load_model(
     model.eval()
     _prepare_tokenizer(tokenizer)
     meta_file = path / QUARK_METADATA_FILE
+    vocab = embedding_matrix(model).shape[0]
     if not meta_file.exists():
-        vocab = embedding_matrix(model).shape[0]
         return QuarkModel(model, tokenizer, None, vocab, {"source": str(path)})
     meta = json.loads(meta_file.read_text())
+    if "reward_tokens" not in meta:  # fine-tuned without reward tokens (offline ACFT)
+        return QuarkModel(model, tokenizer, None, int(meta.get("base_vocab_size", vocab)), meta)
     tokens = RewardTokens(tuple(meta["reward_tokens"]), tuple(meta["reward_token_ids"]))
     found = token_ids(tokenizer, list(tokens.tokens))
     if found != list(tokens.ids):
