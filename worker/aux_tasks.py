@@ -66,15 +66,13 @@ def maybe_queue_aux(rt: Runtime) -> str | None:
 def aux_head(self: Task) -> dict[str, Any]:
     """Train and publish the auxiliary head of the active version (idempotent: a version
     that already has one is skipped). Its fate is recorded under its job id."""
+    from quark.online.job import JobCancelled, JobSuspended
     from quark.online.objectives import run_aux_job
 
     rt = runtime()
     job_id = str(self.request.id)
     state: dict[str, Any] = {"phase": "score"}
-
     progress = progress_reporter(self, rt.jobs, job_id, state)
-    from quark.online.job import JobCancelled, JobSuspended
-
     if rt.jobs.cancelled(job_id):
         cancel_task(self, rt.jobs, "cancelled before it started")
     progress({})
