@@ -42,7 +42,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rtp"
-HELDOUT_PROMPT_WORDS = 8  # as quark.acft.corpus splits a utility passage
 HELDOUT_TEXT_WORDS = 120
 
 
@@ -145,16 +144,14 @@ def split_wikitext(path: Path, out: Path, heldout_articles: int) -> tuple[Path, 
 def heldout_perplexity(model: str, reward: str, heldout: Path, target: Path) -> float:
     """The model's perplexity on the held-out passages, conditioned as its output is."""
     if not target.exists():
+        from quark.acft.corpus import UTILITY_PROMPT_WORDS as PROMPT  # split as ACFT's corpus
         from quark.evaluation import perplexity
         from quark.models import load_model
 
         passages = [line.split() for line in heldout.read_text(encoding="utf-8").splitlines()]
-        passages = [w for w in passages if len(w) > HELDOUT_PROMPT_WORDS + 4]
-        prompts = [" ".join(w[:HELDOUT_PROMPT_WORDS]) for w in passages]
-        texts = [
-            " " + " ".join(w[HELDOUT_PROMPT_WORDS : HELDOUT_PROMPT_WORDS + HELDOUT_TEXT_WORDS])
-            for w in passages
-        ]
+        passages = [w for w in passages if len(w) > PROMPT + 4]
+        prompts = [" ".join(w[:PROMPT]) for w in passages]
+        texts = [" " + " ".join(w[PROMPT : PROMPT + HELDOUT_TEXT_WORDS]) for w in passages]
         quantile = None if reward == "none" else 0
         value = perplexity(load_model(model), prompts, texts, batch_size=8, quantile=quantile)
         target.write_text(json.dumps({"model": model, "reward": reward,
