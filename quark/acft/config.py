@@ -30,6 +30,13 @@ class ACFTConfig(Params):
     aux_steps: int = param(60, "Optimizer steps of the auxiliary head per round.", ge=1)
     aux_batch_size: int = param(16, "Labelled samples per auxiliary step.", ge=1, le=4096)
     aux_lr: float = param(1e-2, "AdamW learning rate of the auxiliary head.", gt=0)
+    aux_cache_samples: int = param(
+        16384,
+        "Samples whose frozen base-model hidden states are kept in memory, so the head's "
+        "epochs after the first skip the base model's forward (H x completion tokens floats "
+        "each: 46 KB for SmolLM2-135M; 0 = no cache).",
+        ge=0,
+    )
     consistency_coef: float = param(
         1.0,
         "Weight of NADO's consistency regulariser sum_v p(v|x<=t) R(x<=t, v) = R(x<t, x_t) "

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from quark.acft.config import ACFTConfig
-from quark.acft.head import AuxHead, base_outputs, load_head, save_head
+from quark.acft.features import Encode, FeatureCache
+from quark.acft.head import AuxHead, load_head, save_head
 from quark.acft.loss import ACFTStats, NadoStats, acft_loss, nado_loss, q_logprobs
 from quark.batching import completion_logits, encode_pairs
 from quark.checkpoint import load_loop_state, save_loop_state
@@ -111,6 +112,17 @@ def encode_examples(qm: QuarkModel, examples: Sequence[Example], config: ACFTCon
     return ACFTBatch(input_ids, attention_mask, labels, label_mask)
 
 
+def pair_encoder(qm: QuarkModel, config: ACFTConfig) -> Encode:
+    """(prompt, completion) pairs -> (input_ids, attention_mask, label_mask), as
+    ``encode_examples``: what a ``FeatureCache`` runs the base model on."""
+
+    def encode(pairs: Sequence[tuple[str, str]]) -> tuple[torch.Tensor, ...]:
+        batch = encode_examples(qm, [Example(p, c) for p, c in pairs], config)
+        return batch.input_ids, batch.attention_mask, batch.label_mask
+
+    return encode
+
+
 def new_head(qm: QuarkModel, config: ACFTConfig) -> AuxHead:
     """A zero-output head sized for ``qm``'s hidden size and original vocabulary."""
     hidden = embedding_matrix(qm.model).shape[1]
@@ -166,6 +178,7 @@ class AuxTrainer(_Checkpointed):
         self.rng = random.Random(config.seed)
         self._batches = _Batches(self.rng)
         head.requires_grad_(True)
+        self.features = FeatureCache(base, pair_encoder(qm, config), config.aux_cache_samples)
         self.optimizer = torch.optim.AdamW(
             head.parameters(), lr=config.aux_lr, weight_decay=config.weight_decay
         )
@@ -174,10 +187,13 @@ class AuxTrainer(_Checkpointed):
             linear_warmup_decay(config.effective_warmup(config.aux_steps), config.aux_steps),
         )
 
-    def forward(self, batch: ACFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r_logits [B, T, V] with gradient to the head, base log-probs [B, T, V])."""
-        width = batch.labels.shape[1]
-        base = base_outputs(self.base, batch.input_ids, batch.attention_mask, width)
+    def forward(
+        self, batch: ACFTBatch, samples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_logits [B, T, V] with gradient to the head, base log-probs [B, T, V]) for
+        ``samples``, encoded as ``batch``; the base model's features come from the cache."""
+        pairs = [(s.prompt, s.completion) for s in samples]
+        base = self.features.features(pairs, batch.labels.shape[1])
         base_logprobs = F.log_softmax(_restrict(self.qm, base.logits).float(), dim=-1)
         return self.head(base.hidden.float()), base_logprobs
 
@@ -186,7 +202,7 @@ class AuxTrainer(_Checkpointed):
         batch = encode_examples(self.qm, samples, self.config)
         satisfied = torch.tensor([float(s.satisfied) for s in samples], device=self.qm.device)
         self.head.train()
-        r_logits, base_logprobs = self.forward(batch)
+        r_logits, base_logprobs = self.forward(batch, samples)
         loss, stats = nado_loss(
             r_logits,
             batch.labels,
@@ -233,6 +249,7 @@ class ACFTTrainer(_Checkpointed):
         head.eval()
         head.requires_grad_(False)
         head.zero_grad(set_to_none=True)  # gradients left by an AuxTrainer are never used
+        self.features = FeatureCache(base, pair_encoder(qm, config), config.aux_cache_samples)
         self.step = 0
         self.rng = random.Random(config.seed)
         self._batches = _Batches(self.rng)
@@ -247,10 +264,13 @@ class ACFTTrainer(_Checkpointed):
         )
 
     @torch.no_grad()
-    def target(self, batch: ACFTBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log q [B, T, V], log p_base [B, T, V]) at the batch's completion positions."""
-        width = batch.labels.shape[1]
-        base = base_outputs(self.base, batch.input_ids, batch.attention_mask, width)
+    def target(
+        self, batch: ACFTBatch, examples: Sequence[Example]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log q [B, T, V], log p_base [B, T, V]) at the completion positions of
+        ``examples``, encoded as ``batch``."""
+        pairs = [(e.prompt, e.completion) for e in examples]
+        base = self.features.features(pairs, batch.labels.shape[1])
         base_logprobs = F.log_softmax(_restrict(self.qm, base.logits).float(), dim=-1)
         r_logits = self.head(base.hidden.float())
         return q_logprobs(base_logprobs, r_logits), base_logprobs
@@ -258,7 +278,7 @@ class ACFTTrainer(_Checkpointed):
     def train_step(self, examples: Sequence[Example]) -> ACFTStats:
         """One optimizer step of the ACFT loss on a batch of corpus examples."""
         batch = encode_examples(self.qm, examples, self.config)
-        target, _ = self.target(batch)
+        target, _ = self.target(batch, examples)
         self.qm.model.train()
         width = batch.labels.shape[1]
         policy = completion_logits(self.qm.model, batch.input_ids, batch.attention_mask, width)

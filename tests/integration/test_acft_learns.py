@@ -104,7 +104,7 @@ def test_acft_unlearns_a_token_that_the_nll_alone_keeps(
         # What the trained head does to the target: q(T) / p(T) over the corpus prefixes.
         probe = ACFTTrainer(copy.deepcopy(pristine), base, aux.head, config)
         batch = encode_examples(qm, samples[:64], config)
-        target, base_logprobs = probe.target(batch)
+        target, base_logprobs = probe.target(batch, samples[:64])
         ratio = (target[..., token] - base_logprobs[..., token]).exp()
         suppression = float((ratio * batch.label_mask).sum() / batch.label_mask.sum())
 

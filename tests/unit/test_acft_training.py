@@ -109,7 +109,7 @@ def test_head_size_and_an_untrained_head_leaves_q_equal_to_the_base(tiny_qm: Qua
     )
     batch = encode_examples(tiny_qm, SAMPLES, config)
     trainer = ACFTTrainer(tiny_qm, frozen_copy(tiny_qm), head, config)
-    target, base_logprobs = trainer.target(batch)
+    target, base_logprobs = trainer.target(batch, SAMPLES)
     assert target.shape == (4, batch.labels.shape[1], tiny_qm.base_vocab_size)
     torch.testing.assert_close(target, base_logprobs, atol=1e-5, rtol=0)
     assert guidance_kl(target, base_logprobs, batch.label_mask) < 1e-6
@@ -190,7 +190,7 @@ def test_llm_step_with_reward_tokens_uses_the_original_vocabulary(tiny_qm: Quark
     config = _config()
     trainer = ACFTTrainer(tiny_qm, frozen_copy(tiny_qm), new_head(tiny_qm, config), config)
     batch = encode_examples(tiny_qm, SAMPLES, config)
-    target, _ = trainer.target(batch)
+    target, _ = trainer.target(batch, SAMPLES)
     assert target.shape[-1] == tiny_qm.base_vocab_size
     torch.testing.assert_close(
         q_logprobs(target, torch.zeros_like(target)).exp().sum(-1), torch.ones(target.shape[:2])
