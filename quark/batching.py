@@ -23,6 +23,15 @@ class TrainBatch:
     label_mask: torch.Tensor  # [B, T] 1.0 on real completion tokens
 
 
+@dataclass
+class UtilityBatch:
+    policy_ids: torch.Tensor  # [B, Lp] reward-token prefix + passage, left-padded
+    policy_mask: torch.Tensor  # [B, Lp]
+    ref_ids: torch.Tensor  # [B, Lr] passage (no prefix), left-padded
+    ref_mask: torch.Tensor  # [B, Lr]
+    label_mask: torch.Tensor  # [B, T] 1.0 at positions predicting passage tokens 2..n
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that ignore left padding, as ``generate`` uses them: [B, L]."""
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -81,6 +90,25 @@ def build_batch(
         qm, [[] for _ in samples], prompts, completions, max_prompt_tokens, response_length
     )
     return TrainBatch(policy_ids, policy_mask, ref_ids, ref_mask, labels, label_mask)
+
+
+def build_utility_batch(
+    qm: QuarkModel, passages: Sequence[str], max_tokens: int, prefix: Sequence[int]
+) -> UtilityBatch:
+    """Each passage's first ``max_tokens`` tokens, after ``prefix`` for the policy and alone
+    for the reference. Every token but the first is a target: the reference, given no
+    context, has no prediction of the first to compare with, and the prefix is no text."""
+    rows = [ids[:max_tokens] for ids in encode_prompts(qm, passages)]
+    pad = qm.tokenizer.pad_token_id
+    policy_ids, policy_mask = left_pad([list(prefix) + r for r in rows], pad, qm.device)
+    ref_ids, ref_mask = left_pad(rows, pad, qm.device)
+    # Left padding right-aligns the passages: their targets are the last len - 1 positions.
+    width = max(1, max(len(r) for r in rows) - 1)
+    label_mask = torch.zeros((len(rows), width))
+    for i, ids in enumerate(rows):
+        if len(ids) > 1:
+            label_mask[i, width - len(ids) + 1 :] = 1.0
+    return UtilityBatch(policy_ids, policy_mask, ref_ids, ref_mask, label_mask.to(qm.device))
 
 
 def completion_forward(

@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--utility-text",
         type=Path,
         default=None,
-        help="ACFT: plain-text file (a passage per line) mixed into the fine-tuning corpus",
+        help="plain-text file, a passage per line (lines of 12+ words; e.g. WikiText): Quark "
+        "adds a KL to the original model on its passages when --utility-kl-coef > 0; ACFT "
+        "mixes them into its fine-tuning corpus",
     )
     _add_config_arguments(train, QuarkConfig)
     _add_config_arguments(train, ObjectiveParams)
@@ -168,8 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(config.seed)
     if objective.objective == "acft":
         return _train_acft(args, config, objective, prompts, reward_fn, out)
-    if args.utility_text is not None:
-        raise ValueError("--utility-text applies to --objective acft only")
+    utility = _utility_passages(args.utility_text, config)
     resume = (model_dir / STATE_FILE).exists()
     original = load_model(args.model, device=args.device)
     if resume:
@@ -183,8 +184,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             torch.Generator().manual_seed(config.seed),
             init=config.token_init,
         )
+    metrics = out / "metrics.jsonl"
     trainer = QuarkTrainer(
-        qm, reference, reward_fn, prompts, config, metrics_path=out / "metrics.jsonl"
+        qm, reference, reward_fn, prompts, config, metrics_path=metrics, utility=utility
     )
     if resume:
         trainer.load_state(model_dir)
@@ -199,6 +201,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"trained {trainer.step} steps; model in {model_dir}; metrics in {out / 'metrics.jsonl'}")
     return 0
+
+
+def _utility_passages(path: Path | None, config: QuarkConfig) -> list[str]:
+    """The passages of ``--utility-text`` for Quark's utility KL term (none while it is off)."""
+    from quark.data import UTILITY_MIN_WORDS, read_passages
+
+    if config.utility_kl_coef == 0:
+        if path is not None:
+            log.warning("--utility-text is unused while --utility-kl-coef is 0")
+        return []
+    if path is None:
+        raise ValueError(
+            f"--utility-kl-coef {config.utility_kl_coef} needs --utility-text FILE (plain "
+            "text, a passage per line, e.g. WikiText); give one or set --utility-kl-coef 0"
+        )
+    passages = read_passages(path)
+    if not passages:
+        raise ValueError(
+            f"--utility-text {path} has no line of {UTILITY_MIN_WORDS}+ words: the utility KL "
+            "needs passages, one per line"
+        )
+    return passages
 
 
 def _train_acft(

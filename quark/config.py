@@ -112,6 +112,22 @@ class QuarkConfig(Params):
     max_grad_norm: float = param(1.0, "Gradient clipping norm.", gt=0)
     kl_coef: float = param(0.05, "beta: weight of the per-token KL(pi_theta || pi_ref).", ge=0)
     entropy_coef: float = param(0.06, "alpha: weight of the entropy bonus (subtracted).", ge=0)
+    # -- holding the general distribution (docs/results.md, "A utility KL term") -----------
+    utility_kl_coef: float = param(
+        0.0,
+        "Weight of a KL(pi_theta || pi_ref) over every token of utility-text passages (`quark "
+        "train --utility-text`, QUARK_UTILITY_TEXT), the policy with the top reward token, the "
+        "reference without; meant to hold the distribution beyond the pooled completions (30 "
+        "minutes of Quark raised held-out WikiText perplexity 3.4x, docs/results.md). 0 = off; "
+        "its effect is not measured yet.",
+        ge=0,
+    )
+    utility_rows: int = param(
+        2, "Utility passages per training step for the utility KL (0 = none).", ge=0, le=4096
+    )
+    utility_tokens: int = param(
+        64, "Tokens kept from the start of each utility passage.", ge=8, le=1024
+    )
     explore_prompts: int = param(
         256,
         "Prompts sampled per exploration round (offline: from the prompt file; online: from "

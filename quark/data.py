@@ -1,4 +1,5 @@
-"""Loading prompt files: RealToxicityPrompts / DExperts jsonl and plain text."""
+"""Loading prompt files (RealToxicityPrompts / DExperts jsonl and plain text) and utility
+passages (plain text, one passage per line)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 
 _JSONL_SUFFIXES = frozenset({".jsonl", ".json"})
 _SHAPES_HINT = 'expected {"prompt": {"text": ...}} or {"prompt": "..."} or {"text": "..."}'
+#: Utility passages shorter than this many words are skipped (headings, blank lines).
+UTILITY_MIN_WORDS = 12
 
 
 class PromptFileError(ValueError):
@@ -109,6 +112,14 @@ def _check_toxicity(where: str, toxicity: Any) -> float | None:
     if not math.isfinite(toxicity):
         raise PromptFileError(f"{where}: toxicity must be finite, got {toxicity!r}")
     return float(toxicity)
+
+
+def read_passages(path: str | Path, min_words: int = UTILITY_MIN_WORDS) -> list[str]:
+    """The lines of a plain-text file (a passage per line, e.g. WikiText) that have at least
+    ``min_words`` words, stripped, in file order. Undecodable bytes are replaced: a utility
+    text is background, not data to refuse over one bad character."""
+    with Path(path).open(encoding="utf-8", errors="replace") as handle:
+        return [line.strip() for line in handle if len(line.split()) >= min_words]
 
 
 def split_by_toxicity(

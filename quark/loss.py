@@ -15,6 +15,9 @@ class LossStats:
     kl: float
     entropy: float
     tokens: int
+    # reference_kl on utility passages (0.0 while the term is off); ``loss`` includes its
+    # weighted share when it is on.
+    utility_kl: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {
@@ -23,7 +26,17 @@ class LossStats:
             "kl": self.kl,
             "entropy": self.entropy,
             "tokens": float(self.tokens),
+            "utility_kl": self.utility_kl,
         }
+
+
+@dataclass(frozen=True)
+class KLStats:
+    kl: float  # mean over real positions of KL(pi_theta || pi_ref), summed over the vocabulary
+    tokens: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {"kl": self.kl, "tokens": float(self.tokens)}
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -47,6 +60,48 @@ def restrict_vocab(
     return logits
 
 
+def token_kl(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, probs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(pi_theta || pi_ref) at every position, summed over the vocabulary: [B, T].
+
+    logprobs, ref_logprobs: [B, T, V] normalised log-probabilities of the policy and the
+        reference (detach the reference: only the policy should move).
+    probs: ``logprobs.exp()`` when the caller has it (quark_loss shares it with the entropy,
+        which keeps its gradient bit-for-bit what it was before this helper existed).
+    """
+    probs = logprobs.exp() if probs is None else probs
+    return (probs * (logprobs - ref_logprobs)).sum(-1)
+
+
+def _check_shapes(policy_logits: torch.Tensor, ref_logits: torch.Tensor) -> None:
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(f"logit shapes differ: {policy_logits.shape} vs {ref_logits.shape}")
+
+
+def reference_kl(
+    policy_logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, KLStats]:
+    """Mean over real positions of KL(pi_theta || pi_ref), each summed over the vocabulary.
+
+    Quark's own KL only covers the completion tokens of pooled samples; this one is applied
+    to any text (utility passages), so that the rest of the distribution stays near the
+    reference's.
+
+    policy_logits: [B, T, V] logits of the policy, restricted to the shared vocabulary.
+    ref_logits:    [B, T, V] logits of the frozen reference at the same positions; no
+        gradient flows into them.
+    mask:          [B, T] 1.0 at positions that count, 0.0 for padding.
+    """
+    _check_shapes(policy_logits, ref_logits)
+    mask = mask.to(policy_logits.dtype)
+    kl = token_kl(
+        F.log_softmax(policy_logits, dim=-1), F.log_softmax(ref_logits.detach(), dim=-1)
+    )  # [B, T]
+    loss = masked_mean(kl, mask)
+    return loss, KLStats(kl=float(loss.detach()), tokens=int(mask.sum().item()))
+
+
 def quark_loss(
     policy_logits: torch.Tensor,
     ref_logits: torch.Tensor,
@@ -64,15 +119,13 @@ def quark_loss(
     labels:        [B, T] completion token ids.
     mask:          [B, T] 1.0 for real completion tokens, 0.0 for padding.
     """
-    if policy_logits.shape != ref_logits.shape:
-        raise ValueError(f"logit shapes differ: {policy_logits.shape} vs {ref_logits.shape}")
+    _check_shapes(policy_logits, ref_logits)
     mask = mask.to(policy_logits.dtype)
     logprobs = F.log_softmax(policy_logits, dim=-1)  # [B, T, V]
     ref_logprobs = F.log_softmax(ref_logits.detach(), dim=-1)  # [B, T, V]
     token_logprobs = logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
     probs = logprobs.exp()
-    # KL(pi_theta || pi_ref) per token, summed over the whole vocabulary.
-    kl = (probs * (logprobs - ref_logprobs)).sum(-1)  # [B, T]
+    kl = token_kl(logprobs, ref_logprobs, probs)  # [B, T]
     entropy = -(probs * logprobs).sum(-1)  # [B, T]
     nll = masked_mean(-token_logprobs, mask)
     kl_mean = masked_mean(kl, mask)

@@ -7,17 +7,18 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from quark.batching import build_batch, completion_logits
+from quark.batching import build_batch, build_utility_batch, completion_logits
 from quark.checkpoint import load_loop_state, save_loop_state
 from quark.config import QuarkConfig
-from quark.loss import LossStats, quark_loss, restrict_vocab
+from quark.loss import LossStats, quark_loss, reference_kl, restrict_vocab
 from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import InMemoryPool, PoolRecord, QuantizedSample, quantile_stats, quantize
 from quark.rewards import RewardFn
@@ -48,7 +49,11 @@ def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
 
 
 class QuarkTrainer:
-    """Owns the policy, its frozen reference, the optimizer and the data pool."""
+    """Owns the policy, its frozen reference, the optimizer and the data pool.
+
+    ``utility``: plain-text passages for the utility KL term (``config.utility_kl_coef``);
+    the term is off while the coefficient is 0 or there are no passages.
+    """
 
     def __init__(
         self,
@@ -59,11 +64,13 @@ class QuarkTrainer:
         config: QuarkConfig,
         pool: InMemoryPool | None = None,
         metrics_path: Path | None = None,
+        utility: Sequence[str] = (),
     ) -> None:
         if qm.reward_tokens is None or len(qm.reward_tokens) != config.num_quantiles:
             raise ValueError("add config.num_quantiles reward tokens to the model first")
         self.qm, self.reference, self.reward_fn = qm, reference, reward_fn
         self.prompts, self.config = list(prompts), config
+        self.utility = list(utility)
         self.pool = pool if pool is not None else InMemoryPool(config.pool_max_size)
         self.metrics_path = metrics_path
         self.step = 0
@@ -168,27 +175,16 @@ class QuarkTrainer:
         return chosen[self.config.train_quantiles]
 
     def train_step(self, samples: Sequence[QuantizedSample] | None = None) -> LossStats:
-        """One optimizer step of the Quark loss on a batch of quantized samples."""
+        """One optimizer step of the Quark loss on a batch of quantized samples, plus
+        ``utility_kl_coef`` x the utility KL when that term is on (``loss`` is then the sum)."""
         cfg = self.config
         samples = list(samples) if samples is not None else self._next_batch()
-        batch = build_batch(self.qm, samples, cfg.max_prompt_tokens, cfg.response_length)
-        width = batch.labels.shape[1]
         self.qm.model.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-            policy = completion_logits(self.qm.model, batch.policy_ids, batch.policy_mask, width)
-            with torch.no_grad():
-                ref = completion_logits(self.reference, batch.ref_ids, batch.ref_mask, width)
-        policy, ref = policy.float(), ref.float()  # the loss in float32 whatever the forward
-        reward_ids = self.qm.reward_tokens.ids if self.qm.reward_tokens else ()
-        vocab = self.qm.base_vocab_size
-        loss, stats = quark_loss(
-            restrict_vocab(policy, vocab, reward_ids),
-            restrict_vocab(ref, vocab, reward_ids),
-            batch.labels,
-            batch.label_mask,
-            cfg.kl_coef,
-            cfg.entropy_coef,
-        )
+        loss, stats = self._quark_loss(samples)
+        utility_kl = self._utility_kl()
+        if utility_kl is not None:
+            loss = loss + cfg.utility_kl_coef * utility_kl
+            stats = replace(stats, loss=float(loss.detach()), utility_kl=float(utility_kl.detach()))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.qm.model.parameters(), cfg.max_grad_norm)
@@ -198,6 +194,50 @@ class QuarkTrainer:
         self.step += 1
         self.qm.model.eval()
         return stats
+
+    def _quark_loss(self, samples: Sequence[QuantizedSample]) -> tuple[torch.Tensor, LossStats]:
+        cfg = self.config
+        batch = build_batch(self.qm, samples, cfg.max_prompt_tokens, cfg.response_length)
+        width = batch.labels.shape[1]
+        with self._autocast():
+            policy = completion_logits(self.qm.model, batch.policy_ids, batch.policy_mask, width)
+            with torch.no_grad():
+                ref = completion_logits(self.reference, batch.ref_ids, batch.ref_mask, width)
+        return quark_loss(
+            self._shared_vocab(policy),
+            self._shared_vocab(ref),
+            batch.labels,
+            batch.label_mask,
+            cfg.kl_coef,
+            cfg.entropy_coef,
+        )
+
+    def _utility_kl(self) -> torch.Tensor | None:
+        """KL(pi_theta || pi_ref) over ``utility_rows`` passages drawn from ``self.utility``,
+        the policy with the top reward token (what a client gets with reward=top), the
+        reference without; None while the term is off. Quark's own KL only covers pooled
+        completions: without this nothing holds the rest of the distribution."""
+        cfg = self.config
+        if cfg.utility_kl_coef <= 0 or cfg.utility_rows == 0 or not self.utility:
+            return None
+        passages = self.rng.sample(self.utility, min(cfg.utility_rows, len(self.utility)))
+        batch = build_utility_batch(self.qm, passages, cfg.utility_tokens, self.qm.prefix_ids(0))
+        width = batch.label_mask.shape[1]
+        with self._autocast():
+            policy = completion_logits(self.qm.model, batch.policy_ids, batch.policy_mask, width)
+            with torch.no_grad():
+                ref = completion_logits(self.reference, batch.ref_ids, batch.ref_mask, width)
+        kl, _ = reference_kl(self._shared_vocab(policy), self._shared_vocab(ref), batch.label_mask)
+        return kl
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
+
+    def _shared_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 logits (the losses in float32 whatever the forward) over the vocabulary
+        the policy and the reference share, reward tokens excluded."""
+        reward_ids = self.qm.reward_tokens.ids if self.qm.reward_tokens else ()
+        return restrict_vocab(logits.float(), self.qm.base_vocab_size, reward_ids)
 
     def run(
         self,

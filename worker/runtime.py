@@ -190,7 +190,7 @@ def job_deps(rt: Runtime, spec: str) -> UnlearnDeps:
         reward_fn=reward_fn(spec),
         device=rt.settings.device,
         rescore=spec != rt.scoring_spec,  # an admin override: score the window again
-        utility_text=rt.settings.acft_utility_text,
+        utility_text=rt.settings.utility_text,
         heads=AuxHeads(rt.store),
     )
 

@@ -8,12 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from quark.acft.training import Example
+from quark.data import read_passages
 from quark.pool import PoolRecord
 
 #: A utility passage becomes (its first words -> the rest): the prompt gives the context.
 UTILITY_PROMPT_WORDS = 8
-#: Passages shorter than this many words are skipped (headings, blank lines).
-UTILITY_MIN_WORDS = 12
 
 
 def accepted_examples(records: Sequence[PoolRecord], threshold: float) -> list[Example]:
@@ -27,16 +26,11 @@ def accepted_examples(records: Sequence[PoolRecord], threshold: float) -> list[E
 
 
 def utility_examples(path: Path, count: int, rng: random.Random) -> list[Example]:
-    """Up to ``count`` passages of a plain-text file (one per line), each split into its
-    first ``UTILITY_PROMPT_WORDS`` words (the prompt) and the rest (the completion)."""
+    """Up to ``count`` passages of a plain-text file (``quark.data.read_passages``), each split
+    into its first ``UTILITY_PROMPT_WORDS`` words (the prompt) and the rest (the completion)."""
     if count <= 0:
         return []
-    passages = []
-    with path.open(encoding="utf-8", errors="replace") as handle:
-        for line in handle:
-            words = line.split()
-            if len(words) >= UTILITY_MIN_WORDS:
-                passages.append(words)
+    passages = [p.split() for p in read_passages(path)]
     chosen = rng.sample(passages, min(count, len(passages)))
     return [
         Example(" ".join(w[:UTILITY_PROMPT_WORDS]), " " + " ".join(w[UTILITY_PROMPT_WORDS:]))

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from quark.checkpoint import STATE_FILE
+from quark.data import read_passages
 from quark.evaluation import EvalResult, evaluate_version
 from quark.models import QuarkModel, load_model
 from quark.online.gate import is_held_out, judged_quantile, promotion_gate
@@ -97,7 +98,8 @@ class UnlearnDeps:
     # The job's reward differs from the one the pool was scored with (an admin override):
     # score the window again with it, in memory.
     rescore: bool = False
-    # ACFT jobs mix passages of this plain-text file into their corpus (None: pool only).
+    # A plain-text file, a passage per line: ACFT jobs mix its passages into their corpus,
+    # Quark jobs add a KL to the original model on them when utility_kl_coef > 0.
     utility_text: Path | None = None
     # ACFT's parallel scheme: the heads the aux task publishes (None: no parallel scheme).
     heads: HeadStore | None = None
@@ -184,11 +186,10 @@ class UnlearnJob:
     ) -> tuple[QuarkModel, QuarkTrainer, EvalResult]:
         """Policy (active version or checkpoint), trainer, and the active version's eval."""
         self.progress({"phase": "load", "parent": parent})
+        utility = self._utility_passages()  # before any model work: a missing file fails fast
         if resume is not None and self.checkpoint_dir is not None:
             qm = load_model(self.checkpoint_dir, device=self.deps.device)
-            trainer = QuarkTrainer(
-                qm, self.deps.original.model, self.deps.reward_fn, [], self.params
-            )
+            trainer = self._trainer(qm, [], utility)
             trainer.load_state(self.checkpoint_dir)  # restores the window's records too
             trainer.prompts = sorted({r.prompt for r in trainer.pool.records()})
             return qm, trainer, EvalResult(**resume["baseline"])
@@ -198,11 +199,30 @@ class UnlearnJob:
         self.progress({"phase": "train", "step": 0, "eval_active": baseline.as_dict()})
         torch.manual_seed(self.params.seed)
         prompts = sorted({r.prompt for r in window.train})
-        trainer = QuarkTrainer(
-            qm, self.deps.original.model, self.deps.reward_fn, prompts, self.params
-        )
+        trainer = self._trainer(qm, prompts, utility)
         trainer.pool.add(window.train)
         return qm, trainer, baseline
+
+    def _trainer(
+        self, qm: QuarkModel, prompts: Sequence[str], utility: Sequence[str]
+    ) -> QuarkTrainer:
+        deps = self.deps
+        return QuarkTrainer(qm, deps.original.model, deps.reward_fn, prompts, self.params,
+                            utility=utility)  # fmt: skip
+
+    def _utility_passages(self) -> list[str]:
+        """Passages of the utility text for the utility KL term (none while it is off)."""
+        if self.params.utility_kl_coef == 0:
+            return []
+        path = self.deps.utility_text
+        passages = read_passages(path) if path is not None else []
+        if not passages:
+            raise ValueError(
+                f"utility_kl_coef={self.params.utility_kl_coef} needs utility passages: set "
+                "QUARK_UTILITY_TEXT to a plain-text file with a passage per line, or set "
+                "utility_kl_coef to 0"
+            )
+        return passages
 
     def _evaluate(self, qm: QuarkModel, prompts: Sequence[str]) -> EvalResult:
         return evaluate_version(

@@ -59,7 +59,7 @@ class UnlearnParams(QuarkConfig, ObjectiveParams):
     )  # fmt: skip
     acft_utility_fraction: float = param(
         0.25, "ACFT: share of the fine-tuning corpus drawn from the utility text "
-        "(QUARK_ACFT_UTILITY_TEXT; ignored while that is unset), for fluency.", ge=0, lt=1,
+        "(QUARK_UTILITY_TEXT; ignored while that is unset), for fluency.", ge=0, lt=1,
     )  # fmt: skip
     acft_parallel: bool = param(
         False, "ACFT: the parallel scheme. The auxiliary head trains in its own Celery task "

@@ -99,7 +99,8 @@ def _default_data_dir() -> Path:
 class ServiceSettings(BaseSettings):
     """Every ``QUARK_*`` setting of the service; see the README's configuration table."""
 
-    model_config = SettingsConfigDict(env_prefix="QUARK_", extra="ignore")
+    # populate_by_name: a field read from an alias (utility_text) is still set by its name.
+    model_config = SettingsConfigDict(env_prefix="QUARK_", extra="ignore", populate_by_name=True)
 
     # -- model -------------------------------------------------------------------------
     model: str = Field(
@@ -194,10 +195,14 @@ class ServiceSettings(BaseSettings):
         default_factory=lambda: unlearn_params_from_env(),
         description="the unlearn job's parameters (QUARK_UNLEARN_*, ...; see UNLEARN_ENV)",
     )
-    acft_utility_text: Path | None = Field(
+    utility_text: Path | None = Field(
         None,
-        description="ACFT jobs mix this plain-text file (one passage per line) into their "
-        "fine-tuning corpus, for fluency (unset = pool completions only)",
+        # QUARK_ACFT_UTILITY_TEXT: its name while only ACFT read it, still accepted.
+        validation_alias=AliasChoices("QUARK_UTILITY_TEXT", "QUARK_ACFT_UTILITY_TEXT"),
+        description="plain-text file, a passage per line (lines of 12+ words): ACFT jobs mix "
+        "its passages into their fine-tuning corpus, for fluency; Quark jobs add a KL to the "
+        "original model on them when QUARK_UNLEARN_UTILITY_KL_COEF > 0 (unset = neither; "
+        "also read from QUARK_ACFT_UTILITY_TEXT, its former name)",
     )
     job_soft_time_limit_s: int = Field(
         3600, ge=10, description="a job then checkpoints and is retried (resumes)"
@@ -267,12 +272,22 @@ class ServiceSettings(BaseSettings):
                 f"QUARK_JOB_SOFT_TIME_LIMIT_S={self.job_soft_time_limit_s} "
                 "(the soft limit checkpoints before the hard one kills)"
             )
-        if self.acft_utility_text is not None and not self.acft_utility_text.is_file():
+        if self.utility_text is not None and not self.utility_text.is_file():
             raise ValueError(
-                f"QUARK_ACFT_UTILITY_TEXT={self.acft_utility_text} is not a file; "
-                "point it at a plain-text file or unset it"
+                f"QUARK_UTILITY_TEXT={self.utility_text} (or QUARK_ACFT_UTILITY_TEXT) is not a "
+                "file; point it at a plain-text file or unset it"
             )
+        self._check_utility(self.unlearn)
         return self
+
+    def _check_utility(self, params: UnlearnParams) -> None:
+        """The utility KL term needs the utility text (refused at start, or with a 400)."""
+        if params.utility_kl_coef > 0 and self.utility_text is None:
+            raise ValueError(
+                f"utility_kl_coef={params.utility_kl_coef} (QUARK_UNLEARN_UTILITY_KL_COEF) "
+                "needs QUARK_UTILITY_TEXT, a plain-text file with a passage per line; set it "
+                "or set the coefficient to 0"
+            )
 
     def unlearn_params(self, overrides: dict[str, Any]) -> UnlearnParams:
         """One job's parameters: these settings, then an admin's overrides (validated)."""
@@ -282,7 +297,9 @@ class ServiceSettings(BaseSettings):
         unknown = sorted(set(values) - set(UNLEARN_ENV))
         if unknown:
             raise ValueError(f"unknown unlearn parameters {unknown}; valid: {sorted(UNLEARN_ENV)}")
-        return replace(self.unlearn, **values)
+        params = replace(self.unlearn, **values)
+        self._check_utility(params)
+        return params
 
     @property
     def num_quantiles(self) -> int:

@@ -1,11 +1,12 @@
-"""quark.batching: (reward token + prompt -> completion) rows and their completion logits."""
+"""quark.batching: (reward token + prompt -> completion) rows and their completion logits, and
+the utility term's (reward token + passage | passage) rows."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from quark.batching import build_batch, completion_logits, position_ids
+from quark.batching import build_batch, build_utility_batch, completion_logits, position_ids
 from quark.models import QuarkModel, frozen_copy
 from quark.pool import QuantizedSample
 
@@ -123,3 +124,42 @@ def test_one_token_prompts_with_empty_completions_keep_a_completion_step(
         ref = completion_logits(reference, batch.ref_ids, batch.ref_mask, 1)
     assert policy.shape[:2] == ref.shape[:2] == (2, 1)
     assert torch.isfinite(ref).all()
+
+
+PASSAGES = ["Rivers run to the sea and the sea runs nowhere at all", "A short one"]
+
+
+def test_utility_rows_prefix_the_policy_only_and_cut_each_passage(tiny_qm: QuarkModel) -> None:
+    top = tiny_qm.prefix_ids(0)
+    batch = build_utility_batch(tiny_qm, PASSAGES, max_tokens=8, prefix=top)
+    passages = [_ids(tiny_qm, p)[:8] for p in PASSAGES]
+    assert len(passages[0]) == 8 and 1 < len(passages[1]) < 8  # one cut, one shorter
+    assert _unpadded(batch.policy_ids, batch.policy_mask) == [top + p for p in passages]
+    assert _unpadded(batch.ref_ids, batch.ref_mask) == passages
+    # Targets: every passage token but the first, right-aligned.
+    assert batch.label_mask.shape == (2, 7)
+    assert batch.label_mask.sum(-1).tolist() == [7.0, len(passages[1]) - 1.0]
+    assert torch.all(batch.label_mask[:, -1] == 1)
+
+
+def test_utility_logits_of_policy_and_reference_predict_the_same_tokens(
+    tiny_qm: QuarkModel,
+) -> None:
+    """Without a prefix the policy's rows are the reference's: the two logits are equal, and
+    each masked position predicts passage token j + 1 from tokens 1..j."""
+    batch = build_utility_batch(tiny_qm, PASSAGES, max_tokens=8, prefix=tiny_qm.prefix_ids(0))
+    plain = build_utility_batch(tiny_qm, PASSAGES, max_tokens=8, prefix=[])
+    width = batch.label_mask.shape[1]
+    model = tiny_qm.model
+    with torch.no_grad():
+        ref = completion_logits(model, batch.ref_ids, batch.ref_mask, width)
+        same = completion_logits(model, plain.policy_ids, plain.policy_mask, width)
+        policy = completion_logits(model, batch.policy_ids, batch.policy_mask, width)
+        for i, passage in enumerate(PASSAGES):
+            ids = _ids(tiny_qm, passage)[:8]
+            n = len(ids) - 1
+            alone = model(input_ids=torch.tensor([ids])).logits[0]  # [n + 1, V]
+            torch.testing.assert_close(ref[i, -n:], alone[:-1], atol=1e-4, rtol=1e-4)
+            prefixed = model(input_ids=torch.tensor([tiny_qm.prefix_ids(0) + ids])).logits[0]
+            torch.testing.assert_close(policy[i, -n:], prefixed[1:-1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(same, ref)

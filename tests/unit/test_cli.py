@@ -151,3 +151,36 @@ def test_train_rejects_invalid_config(
             "--kl-coef", "-1"]  # fmt: skip
     assert main(argv) == 2
     assert "kl_coef" in capsys.readouterr().err
+
+
+def test_train_utility_kl_needs_a_utility_text(
+    prompts_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--prompts", str(prompts_file), "--out", str(tmp_path / "run"),
+            "--utility-kl-coef", "0.1"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--utility-kl-coef 0.1 needs --utility-text FILE" in err
+    short = tmp_path / "short.txt"
+    short.write_text("too short to be a passage\n")
+    assert main([*argv, "--utility-text", str(short)]) == 2
+    assert "has no line of 12+ words" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before loading a model
+
+
+def test_train_with_utility_text_logs_the_utility_kl(
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+) -> None:
+    utility = tmp_path / "wiki.txt"
+    utility.write_text(
+        " = Heading = \n"
+        "The river rises in the hills and flows east through three towns before the sea\n"
+    )
+    out = tmp_path / "run"
+    argv = _train_args(tiny_model_dir, prompts_file, out, steps=1)
+    argv += ["--utility-text", str(utility), "--utility-kl-coef", "0.5", "--utility-tokens", "8"]
+    assert main(argv) == 0
+    (train,) = [e for e in _events(out / "metrics.jsonl") if e["event"] == "train"]
+    assert train["utility_kl"] > 0
+    config = json.loads((out / "model" / "quark.json").read_text())["config"]
+    assert (config["utility_kl_coef"], config["utility_tokens"]) == (0.5, 8)

@@ -20,6 +20,7 @@ def test_defaults_follow_the_paper() -> None:
     assert config.top_p == 1.0
     assert config.task == "toxicity"
     assert config.pool_max_size is None
+    assert config.utility_kl_coef == 0.0  # ours, off: its effect is not measured yet
 
 
 def test_every_field_has_help_text() -> None:
@@ -56,6 +57,9 @@ def test_every_field_has_help_text() -> None:
         ("top_p", 1.5),
         ("eval_top_p", 0.0),
         ("pool_max_size", 3),
+        ("utility_kl_coef", -0.1),
+        ("utility_rows", -1),
+        ("utility_tokens", 7),
     ],
 )
 def test_invalid_values_raise_naming_the_field(field: str, value: object) -> None:

@@ -1,4 +1,4 @@
-"""Tests for prompt file loading."""
+"""Tests for prompt file loading and utility passages."""
 
 from __future__ import annotations
 
@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from quark.data import PromptFileError, PromptItem, load_prompts, split_by_toxicity
+from quark.data import (
+    UTILITY_MIN_WORDS,
+    PromptFileError,
+    PromptItem,
+    load_prompts,
+    read_passages,
+    split_by_toxicity,
+)
 
 SHARED_DATA = Path(__file__).parents[2].parent / "shared" / "data"
 
@@ -198,3 +205,43 @@ def test_real_wikitext_plain_text() -> None:
     items = load_prompts(SHARED_DATA / "wikitext" / "wiki.raw.txt", limit=3)
     assert items[0].text == " = Robert Boulter = "
     assert len(items) == 3
+
+
+# --- utility passages -----------------------------------------------------------------
+
+
+def test_read_passages_keeps_long_lines_stripped_in_order(tmp_path: Path) -> None:
+    long_a = " ".join(f"a{i}" for i in range(UTILITY_MIN_WORDS))
+    long_b = "  " + " ".join(f"b{i}" for i in range(UTILITY_MIN_WORDS + 5)) + "  "
+    short = " ".join(f"c{i}" for i in range(UTILITY_MIN_WORDS - 1))
+    path = _write(tmp_path, "wiki.txt", [" = Heading = ", long_a, "", short, long_b])
+    assert read_passages(path) == [long_a, long_b.strip()]
+    assert read_passages(path, min_words=1) == ["= Heading =", long_a, short, long_b.strip()]
+
+
+def test_read_passages_replaces_bad_bytes_and_misses_files(tmp_path: Path) -> None:
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"caf\xe9 " + b"word " * UTILITY_MIN_WORDS + b"\n")
+    (passage,) = read_passages(path)
+    assert passage.startswith("caf\ufffd word")
+    with pytest.raises(FileNotFoundError):
+        read_passages(tmp_path / "missing.txt")
+
+
+def test_acft_utility_examples_read_the_same_passages(tmp_path: Path) -> None:
+    import random
+
+    from quark.acft.corpus import UTILITY_PROMPT_WORDS, utility_examples
+
+    words = [f"w{i}" for i in range(UTILITY_MIN_WORDS + 3)]
+    path = _write(tmp_path, "wiki.txt", ["too short", " ".join(words)])
+    (example,) = utility_examples(path, 5, random.Random(0))
+    assert example.prompt == " ".join(words[:UTILITY_PROMPT_WORDS])
+    assert example.completion == " " + " ".join(words[UTILITY_PROMPT_WORDS:])
+
+
+@needs_shared_data
+def test_real_wikitext_passages() -> None:
+    passages = read_passages(SHARED_DATA / "wikitext" / "wiki.raw.txt")
+    assert len(passages) > 100
+    assert all(len(p.split()) >= UTILITY_MIN_WORDS and p == p.strip() for p in passages)

@@ -1,4 +1,5 @@
-"""quark.loss on hand-built tensors: NLL, per-token KL(policy || reference), entropy, masking."""
+"""quark.loss on hand-built tensors: NLL, per-token KL(policy || reference), entropy, masking,
+and the utility term's reference_kl."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from quark.loss import masked_mean, quark_loss, restrict_vocab
+from quark.loss import masked_mean, quark_loss, reference_kl, restrict_vocab, token_kl
 
 
 def _softmax(values: list[float]) -> list[float]:
@@ -146,3 +147,63 @@ def test_restrict_vocab_excludes_reward_ids_inside_the_vocab() -> None:
     )
     assert stats.entropy == pytest.approx(math.log(5), rel=1e-6)
     assert stats.kl == pytest.approx(0.0, abs=1e-6)
+
+
+# -- reference_kl (the utility KL term) ------------------------------------------------------
+def test_reference_kl_is_zero_when_the_logits_are_equal() -> None:
+    logits = torch.randn(2, 5, 9, generator=torch.Generator().manual_seed(0))
+    loss, stats = reference_kl(logits, logits.clone(), torch.ones(2, 5))
+    assert abs(loss.item()) < 1e-6 and abs(stats.kl) < 1e-6
+    assert stats.tokens == 10
+
+
+def test_reference_kl_matches_hand_computation() -> None:
+    policy, reference = [0.0, 1.0, 2.0], [2.0, 0.0, -1.0]
+    p, q = _softmax(policy), _softmax(reference)
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    # Two positions: the hand-computed one and an identical pair (KL 0): the mean halves it.
+    loss, stats = reference_kl(
+        torch.tensor([[policy, [1.0, 1.0, 1.0]]]),
+        torch.tensor([[reference, [1.0, 1.0, 1.0]]]),
+        torch.ones(1, 2),
+    )
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
+    assert stats.kl == pytest.approx(expected / 2, rel=1e-5) and stats.tokens == 2
+
+
+def test_reference_kl_ignores_masked_positions() -> None:
+    gen = torch.Generator().manual_seed(2)
+    policy, reference = torch.randn(2, 4, 6, generator=gen), torch.randn(2, 4, 6, generator=gen)
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    loss, stats = reference_kl(policy, reference, mask)
+    garbage = policy.clone()
+    garbage[mask == 0] = 50.0 * torch.randn(int((mask == 0).sum()), 6, generator=gen)
+    assert reference_kl(garbage, reference, mask)[0].item() == pytest.approx(loss.item())
+    per_position = token_kl(policy.log_softmax(-1), reference.log_softmax(-1))
+    assert stats.kl == pytest.approx(per_position[mask == 1].mean().item(), rel=1e-5)
+    assert stats.tokens == 5
+
+
+def test_reference_kl_moves_only_the_policy() -> None:
+    policy = torch.randn(1, 3, 5, requires_grad=True)
+    reference = torch.randn(1, 3, 5, requires_grad=True)
+    loss, _ = reference_kl(policy, reference, torch.tensor([[0.0, 1.0, 1.0]]))
+    loss.backward()
+    assert policy.grad is not None and torch.all(policy.grad[0, 0] == 0)
+    assert policy.grad[0, 1:].abs().sum() > 0
+    assert reference.grad is None
+
+
+def test_reference_kl_of_an_empty_mask_is_zero_and_shapes_must_match() -> None:
+    loss, stats = reference_kl(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.zeros(1, 2))
+    assert loss.item() == 0.0 and stats.tokens == 0
+    with pytest.raises(ValueError, match="shapes differ"):
+        reference_kl(torch.zeros(1, 2, 4), torch.zeros(1, 2, 5), torch.ones(1, 2))
+
+
+def test_quark_loss_reports_no_utility_kl() -> None:
+    _, stats = quark_loss(
+        torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), torch.zeros(1, 1, dtype=torch.long),
+        torch.ones(1, 1), 0.05, 0.06,
+    )  # fmt: skip
+    assert stats.utility_kl == 0.0 and stats.as_dict()["utility_kl"] == 0.0

@@ -77,13 +77,39 @@ def test_a_bad_acft_setting_names_its_own_variable(monkeypatch: pytest.MonkeyPat
     assert "greater than or equal to 0" in str(caught.value)
 
 
-def test_utility_text_must_be_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QUARK_ACFT_UTILITY_TEXT", str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match=r"QUARK_ACFT_UTILITY_TEXT=.* is not a file"):
+@pytest.mark.parametrize("name", ["QUARK_UTILITY_TEXT", "QUARK_ACFT_UTILITY_TEXT"])
+def test_utility_text_must_be_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """QUARK_UTILITY_TEXT serves both objectives; its former name still works."""
+    monkeypatch.setenv(name, str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match=r"QUARK_UTILITY_TEXT=.* is not a file"):
         ServiceSettings()
     (tmp_path / "wiki.txt").write_text("text\n")
-    monkeypatch.setenv("QUARK_ACFT_UTILITY_TEXT", str(tmp_path / "wiki.txt"))
-    assert ServiceSettings().acft_utility_text == tmp_path / "wiki.txt"
+    monkeypatch.setenv(name, str(tmp_path / "wiki.txt"))
+    assert ServiceSettings().utility_text == tmp_path / "wiki.txt"
+    (tmp_path / "other.txt").write_text("text\n")
+    given = ServiceSettings(utility_text=tmp_path / "other.txt")  # by its field name too
+    assert given.utility_text == tmp_path / "other.txt"
+
+
+def test_utility_kl_needs_the_utility_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUARK_UNLEARN_UTILITY_KL_COEF", "0.5")
+    with pytest.raises(
+        ValueError, match=r"QUARK_UNLEARN_UTILITY_KL_COEF.*needs QUARK_UTILITY_TEXT"
+    ):
+        ServiceSettings()
+    monkeypatch.delenv("QUARK_UNLEARN_UTILITY_KL_COEF")
+    settings = ServiceSettings()
+    assert settings.unlearn.utility_kl_coef == 0.0 and settings.unlearn_params({}) is not None
+    with pytest.raises(ValueError, match="needs QUARK_UTILITY_TEXT"):  # an admin's override
+        settings.unlearn_params({"utility_kl_coef": 0.5})
+    (tmp_path / "wiki.txt").write_text("text\n")
+    with_text = ServiceSettings(utility_text=tmp_path / "wiki.txt")
+    assert with_text.unlearn_params({"utility_kl_coef": 0.5}).utility_kl_coef == 0.5
+    assert UNLEARN_ENV["utility_kl_coef"] == "QUARK_UNLEARN_UTILITY_KL_COEF"
+    assert UNLEARN_ENV["utility_rows"] == "QUARK_UNLEARN_UTILITY_ROWS"
+    assert UNLEARN_ENV["utility_tokens"] == "QUARK_UNLEARN_UTILITY_TOKENS"
 
 
 # -- POST /admin/unlearn ---------------------------------------------------------------------
