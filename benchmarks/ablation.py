@@ -11,7 +11,8 @@ default output, no token. The original model (no token) is evaluated once. ``qua
 pairs each output with the original, and each arm's first output with the baseline's.
 
 With ``--wikitext`` the file's articles are split: the last ``--heldout-articles`` are held
-out, the rest are ACFT arms' utility text (``--utility-text``), and every output also gets
+out, the rest are the utility text (``--utility-text``) of ACFT arms and of Quark arms with
+``--utility-kl-coef``, and every output also gets
 its perplexity on the held-out passages (first 8 words as the prompt, the next 120 as the
 text scored), the fluency measure the ACFT paper reports.
 
@@ -55,6 +56,11 @@ class Arm:
         words = shlex.split(self.flags)
         return any(pair == ("--objective", "acft") for pair in itertools.pairwise(words))
 
+    @property
+    def uses_utility_text(self) -> bool:
+        """ACFT arms mix it into their corpus; Quark arms with the utility KL term need it."""
+        return self.acft or any(w.startswith("--utility-kl-coef") for w in shlex.split(self.flags))
+
     def outputs(self, no_token: bool) -> list[str]:
         """Outputs evaluated, the first one primary (``eval-<split>.json``)."""
         if self.acft:
@@ -97,7 +103,7 @@ def train(args: argparse.Namespace, arm: Arm, utility: Path | None) -> dict[str,
     budget = ["--steps", str(args.steps or 100_000)]
     if args.minutes:
         budget += ["--time-budget", str(args.minutes)]
-    extra = ["--utility-text", str(utility)] if arm.acft and utility else []
+    extra = ["--utility-text", str(utility)] if arm.uses_utility_text and utility else []
     started = time.monotonic()
     quark(
         "train", "--prompts", str(args.train_prompts), "--out", str(run), "--no-progress",
