@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 import quark.evaluation as evaluation
-from quark.cli import _judge_name, main
+from quark.cli import main
 from quark.comparison import check_pairable, compare_runs
+from quark.eval_commands import _judge_name
 from quark.evaluation import (
     PAIRING_KEYS,
     evaluate,
