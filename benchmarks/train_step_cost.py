@@ -1,5 +1,5 @@
 """Seconds per Quark training step under the options that trade compute: frozen lower blocks,
-bf16 autocast, the utility KL term. Ratios against the defaults, measured side by side.
+bf16 autocast, the utility KL term. Ratios against float32, measured side by side.
 
 Every variant gets its own copy of SmolLM2-135M (the default model) with its own optimizer
 and trains on the same fixed batch of RTP prompts with 20-token completions (best quantile,
@@ -23,11 +23,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 VARIANTS: dict[str, dict[str, Any]] = {
-    "defaults": {},
-    "freeze 15 of 30 blocks": {"freeze_layers": 15},
-    "bf16 autocast": {"bf16_autocast": True},
-    "freeze 15 + bf16": {"freeze_layers": 15, "bf16_autocast": True},
-    "utility KL (2 x 64 tokens)": {"utility_kl_coef": 1.0},
+    "float32": {"train_precision": "float32"},
+    "freeze 15 of 30 blocks": {"train_precision": "float32", "freeze_layers": 15},
+    "bf16 autocast": {"train_precision": "bfloat16"},
+    "freeze 15 + bf16": {"train_precision": "bfloat16", "freeze_layers": 15},
+    "utility KL (2 x 64 tokens)": {"train_precision": "float32", "utility_kl_coef": 1.0},
 }
 
 
@@ -70,9 +70,9 @@ def main() -> int:
             trainer.train_step(batch)
             if round_:  # round 0 warms up
                 seconds[name].append(time.perf_counter() - started)
-    base = statistics.median(seconds["defaults"])
+    base = statistics.median(seconds["float32"])
     rows = []
-    print("| variant | s/step (median) | samples/s | time vs defaults |")
+    print("| variant | s/step (median) | samples/s | time vs float32 |")
     print("|---|---|---|---|")
     for name, values in seconds.items():
         median = statistics.median(values)

@@ -17,6 +17,7 @@ TASKS = ("toxicity", "sentiment", "repetition")
 QUANTILE_SCOPES = ("pool", "prompt")
 TRAIN_QUANTILES = ("all", "extremes", "best")
 TOKEN_INITS = ("random", "mean")
+TRAIN_PRECISIONS = ("auto", "float32", "bfloat16")
 #: What an unlearn job optimises: Quark (reward tokens) or ACFT (the default output).
 OBJECTIVES = ("quark", "acft")
 
@@ -183,7 +184,15 @@ class QuarkConfig(Params):
         choices=TOKEN_INITS,
     )
     freeze_layers: int = param(0, "Freeze the lowest N transformer blocks.", ge=0)
-    bf16_autocast: bool = param(False, "Run training forwards under bfloat16 autocast.")
+    train_precision: str = param(
+        "auto",
+        "Precision of the training forwards and backwards on CPU: 'bfloat16' (autocast; the "
+        "weights, AdamW and the losses stay float32), 'float32', or 'auto' = bfloat16 where "
+        "the CPU computes it natively (avx512_bf16, amx_bf16, Arm bf16), else float32. On this "
+        "project's CPUs bf16 makes a step 2-3x cheaper, and 30 minutes of it unlearn more than "
+        "30 of float32 (docs/results.md, ablation 5). Models on CUDA train in float32.",
+        choices=TRAIN_PRECISIONS,
+    )
     seed: int = param(42, "Random seed.")
 
     def problems(self) -> Iterator[str]:

@@ -21,6 +21,7 @@ from quark.config import QuarkConfig
 from quark.loss import LossStats, quark_loss, reference_kl, restrict_vocab
 from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import InMemoryPool, PoolRecord, QuantizedSample, quantile_stats, quantize
+from quark.precision import cpu_has_native_bf16
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
 
@@ -76,6 +77,7 @@ class QuarkTrainer:
         self.step = 0
         self.rng = random.Random(config.seed)
         freeze_lower_layers(qm.model, config.freeze_layers)
+        self._bf16 = bf16_autocast(config.train_precision, qm.device)
         self.optimizer = torch.optim.AdamW(
             [p for p in qm.model.parameters() if p.requires_grad],
             lr=config.lr,
@@ -231,7 +233,7 @@ class QuarkTrainer:
         return kl
 
     def _autocast(self) -> AbstractContextManager[Any]:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16_autocast)
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16)
 
     def _shared_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 logits (the losses in float32 whatever the forward) over the vocabulary
@@ -325,6 +327,16 @@ class QuarkTrainer:
             lines = pool_file.read_text().splitlines()
             self.pool.add(PoolRecord.from_json(line) for line in lines if line.strip())
         self._epoch = []
+
+
+def bf16_autocast(precision: str, device: torch.device | str, native: bool | None = None) -> bool:
+    """Whether training forwards run under CPU bf16 autocast: ``precision`` 'bfloat16' on a
+    CPU model, or 'auto' on a CPU with native bf16 (``native``; None = detect it)."""
+    if torch.device(device).type != "cpu" or precision == "float32":
+        return False
+    if precision == "bfloat16":
+        return True
+    return cpu_has_native_bf16() if native is None else native
 
 
 def freeze_lower_layers(model: torch.nn.Module, count: int) -> None:

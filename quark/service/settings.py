@@ -110,7 +110,8 @@ class ServiceSettings(BaseSettings):
     dtype: str = Field(
         "auto",
         description="precision of the served model: auto, float32, bfloat16, float16 (auto = "
-        "bfloat16 on CUDA or a CPU with native bf16, else float32; training stays float32)",
+        "bfloat16 on CUDA or a CPU with native bf16, else float32; training: "
+        "QUARK_UNLEARN_TRAIN_PRECISION)",
     )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache")
     data_dir: Path = Field(

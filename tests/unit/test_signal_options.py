@@ -15,7 +15,7 @@ from quark.config import QuarkConfig
 from quark.models import QuarkModel, add_reward_tokens, embedding_matrix, frozen_copy
 from quark.pool import PoolRecord, QuantizedSample, quantize
 from quark.rewards import KeywordShareReward
-from quark.training import QuarkTrainer, scaled_token_update, weighted_sample
+from quark.training import QuarkTrainer, bf16_autocast, scaled_token_update, weighted_sample
 from testkit.tiny_model import build_tiny_model
 
 SAMPLES = [
@@ -117,5 +117,22 @@ def test_frozen_blocks_do_not_change(tiny_qm: QuarkModel) -> None:
 
 
 def test_bf16_autocast_step_is_finite(tiny_qm: QuarkModel) -> None:
-    stats = _trainer(tiny_qm, bf16_autocast=True).train_step(SAMPLES)
+    stats = _trainer(tiny_qm, train_precision="bfloat16").train_step(SAMPLES)
     assert torch.isfinite(torch.tensor(stats.loss)) and stats.tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "native", "expected"),
+    [
+        ("auto", "cpu", True, True),  # this project's CPUs (avx512_bf16)
+        ("auto", "cpu", False, False),  # emulated bf16 would be slower than float32
+        ("bfloat16", "cpu", False, True),
+        ("float32", "cpu", True, False),
+        ("auto", "cuda", True, False),  # CPU autocast would not touch a CUDA model
+        ("bfloat16", "cuda", True, False),
+    ],
+)
+def test_train_precision_resolves_to_cpu_bf16_autocast(
+    precision: str, device: str, native: bool, expected: bool
+) -> None:
+    assert bf16_autocast(precision, device, native=native) is expected

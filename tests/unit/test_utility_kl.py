@@ -103,7 +103,7 @@ def test_passages_are_drawn_from_the_seeded_rng(tiny_qm: QuarkModel) -> None:
 
 
 def test_bf16_autocast_utility_step_is_finite(tiny_qm: QuarkModel) -> None:
-    trainer = _trainer(tiny_qm, PASSAGES, utility_kl_coef=1.0, bf16_autocast=True)
+    trainer = _trainer(tiny_qm, PASSAGES, utility_kl_coef=1.0, train_precision="bfloat16")
     stats = trainer.train_step(SAMPLES)
     assert torch.isfinite(torch.tensor([stats.loss, stats.utility_kl])).all()
     assert stats.utility_kl > 0
