@@ -66,9 +66,10 @@ class FeatureCache:
         self.misses += len(missing)
         if missing:
             self._store(missing)
-        if self._exact is False:
+        if not self._exact or any(p not in self._rows for p in pairs):
+            # Over capacity (or not exact): one forward of the batch, as without a cache.
             return self._forward(pairs, width)
-        hidden = self._collate([self._lookup(p) for p in pairs], width)  # [B, T, H]
+        hidden = self._collate([self._rows[p] for p in pairs], width)  # [B, T, H]
         return Features(hidden, self._lm_head(hidden))
 
     def _forward(self, pairs: Sequence[tuple[str, str]], width: int) -> Features:
@@ -89,15 +90,6 @@ class FeatureCache:
             if len(self._rows) >= self.capacity:
                 return
             self._rows[pair] = hidden[width - n :].detach().clone()  # [n, H]
-
-    def _lookup(self, pair: tuple[str, str]) -> torch.Tensor:
-        row = self._rows.get(pair)
-        if row is not None:
-            return row
-        # Over capacity: this pair was never stored, so it costs a forward every time.
-        input_ids, attention_mask, label_mask = self.encode([pair])
-        width, n = label_mask.shape[1], int(label_mask.sum())
-        return base_outputs(self.base, input_ids, attention_mask, width).hidden[0, width - n :]
 
     def _check_lm_head(self, hidden: torch.Tensor, logits: torch.Tensor) -> bool:
         error = (self._lm_head(hidden) - logits).abs().max().item()
@@ -122,7 +114,6 @@ class FeatureCache:
         hidden_size = rows[0].shape[-1]
         out = rows[0].new_zeros(len(rows), width, hidden_size)
         for i, row in enumerate(rows):
-            kept = row[-width:] if row.shape[0] else row
-            if kept.shape[0]:
-                out[i, width - kept.shape[0] :] = kept
+            kept = row[-width:]  # [n, H], n <= width (0 for an empty completion)
+            out[i, width - kept.shape[0] :] = kept
         return out
