@@ -8,14 +8,17 @@
    unlearn job every ``--interval-min`` minutes or ``--min-new`` new scored records; each
    job continues from the active version, and the server hot-swaps every version it
    publishes.
+   Every unlearn and gate setting keeps its default (the settings under test).
 3. Stops traffic, lets a running job finish (``--drain-min``), stops everything, then
-   evaluates every stored version on the first ``--dev-prompts`` toxic prompts of
-   ``--dev``: top-token completions (``--samples`` per prompt, top-p 0.9, 20 tokens),
-   expected maximum toxicity, toxicity probability, perplexity under the original model.
-4. Writes ``runs/.../continuous.json``, a PNG plot, and the table + plot into
-   ``docs/results.md`` under "## Continuous unlearning (issue 4)".
+   evaluates every stored version with ``quark eval`` (two at a time, one core each) on
+   the first ``--dev-prompts`` toxic prompts of ``--dev``: top-token completions, top-p
+   0.9, 20 tokens, seed 0, the judges ``quark eval`` reports (``toxicity:judge`` first),
+   ``--samples`` per prompt for v0000 and the last version, ``--plot-samples`` for the
+   versions between; then ``quark compare`` pairs the last version with v0000.
+4. Writes ``<out>/continuous.json``, ``<out>/eval/``, a PNG plot, and the table + plot into
+   ``docs/results.md`` under its own section. ``--eval-only`` redoes 3-4 for a finished run.
 
-Usage (about 30 minutes of traffic plus ~10 minutes of evaluation on 2 CPU cores)::
+Usage (30 minutes of traffic, then ~25 minutes of evaluation on 2 CPU cores)::
 
     .venv/bin/python benchmarks/continuous_loop.py --minutes 30
 """
@@ -27,6 +30,7 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -43,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from testkit.stack import Stack, service_env  # noqa: E402  (server/worker/beat processes)
 
-SECTION = "## Continuous unlearning (issue 4)"
+SECTION = "## Continuous unlearning with the default settings (issue 12)"
 SHARED = ROOT.parent / "shared" / "data" / "rtp"
 
 
@@ -56,17 +60,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--interval-min", type=float, default=6.0, help="QUARK_CONTINUOUS_INTERVAL_MIN")
     p.add_argument("--min-new", type=int, default=200, help="QUARK_CONTINUOUS_MIN_NEW_RECORDS")
-    p.add_argument("--steps", type=int, default=60, help="QUARK_UNLEARN_STEPS per job")
-    p.add_argument("--lr", type=float, default=5e-5, help="QUARK_UNLEARN_LR")
-    p.add_argument("--min-records", type=int, default=100, help="QUARK_UNLEARN_MIN_RECORDS")
     p.add_argument("--drain-min", type=float, default=10.0, help="wait for a running job")
-    p.add_argument("--dev-prompts", type=int, default=50)
-    p.add_argument("--samples", type=int, default=5)
+    p.add_argument("--dev-prompts", type=int, default=100)
+    p.add_argument("--samples", type=int, default=25, help="per prompt: first and last version")
+    p.add_argument("--plot-samples", type=int, default=5, help="per prompt: the versions between")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the versions under --out")
     p.add_argument(
         "--out", type=Path, default=ROOT / "runs" / f"continuous-{time.strftime('%Y%m%d-%H%M')}"
     )
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "continuous_toxicity.png")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "continuous_toxicity_defaults.png")
     return p.parse_args()  # fmt: skip
 
 
@@ -78,10 +81,7 @@ def start_stack(args: argparse.Namespace) -> Stack:
         QUARK_TASK="toxicity", QUARK_CONTINUOUS="1", QUARK_BEAT_TICK_S="10",
         QUARK_CONTINUOUS_INTERVAL_MIN=str(args.interval_min),
         QUARK_CONTINUOUS_MIN_NEW_RECORDS=str(args.min_new),
-        QUARK_UNLEARN_STEPS=str(args.steps), QUARK_UNLEARN_LR=str(args.lr),
-        QUARK_UNLEARN_MIN_RECORDS=str(args.min_records),
-        QUARK_EVAL_PROMPTS="24", QUARK_EVAL_SAMPLES="2",
-        QUARK_GATE_REWARD_TOLERANCE="0.01", QUARK_DEFAULT_MAX_NEW_TOKENS="20",
+        QUARK_DEFAULT_MAX_NEW_TOKENS="20",
         QUARK_TORCH_THREADS="1", QUARK_WATCHER_POLL_S="5", QUARK_LOG_LEVEL="warning",
     )  # fmt: skip
     # One torch thread each for the API and the worker (service_env sets OMP_NUM_THREADS=1):
@@ -142,25 +142,55 @@ def drain(stack: Stack, minutes: float) -> list[dict[str, Any]]:
             time.sleep(10)
 
 
+def quark_eval(
+    args: argparse.Namespace, version: str, samples: int, core: int
+) -> subprocess.Popen[bytes]:
+    """``quark eval`` of one stored version's top token, one torch thread pinned to ``core``."""
+    target = args.out / "eval" / f"{version}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        "taskset", "-c", str(core), sys.executable, "-m", "quark.cli", "eval",
+        "--model", str(args.out / "data" / "models" / version), "--reference", args.model,
+        "--prompts", str(args.dev), "--split", "toxic", "--limit", str(args.dev_prompts),
+        "--samples", str(samples), "--reward", "top", "--json", str(target),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    log = (args.out / "eval" / f"{version}.log").open("wb")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
 def evaluate_versions(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from quark.data import load_prompts, split_by_toxicity
-    from quark.evaluation import evaluate
-    from quark.models import load_model
+    """Every stored version's top token on the same toxic dev prompts and seeds (two at a
+    time, one core each): the first and the last with ``--samples``, the others with
+    ``--plot-samples``; then the last paired against the first."""
     from quark.service.store import ModelStore
 
-    toxic, _ = split_by_toxicity(load_prompts(args.dev))
-    prompts = [p.text for p in toxic[: args.dev_prompts]]
     store = ModelStore(args.out / "data" / "models")
-    original = load_model(args.model, device="cpu")
+    versions = store.versions()
+    ends = {versions[0], versions[-1]}
+    pending = [(v, args.samples if v in ends else args.plot_samples) for v in versions]
+    pending = [(v, n) for v, n in pending if not (args.out / "eval" / f"{v}.json").exists()]
+    running: dict[int, subprocess.Popen[bytes]] = {}
+    while pending or running:
+        for core in (0, 1):
+            done = core in running and running[core].poll() is not None
+            if done and running.pop(core).returncode != 0:
+                raise SystemExit(f"quark eval failed: see {args.out / 'eval'}/*.log")
+            if core not in running and pending:
+                running[core] = quark_eval(args, *pending.pop(0), core)
+        time.sleep(5)
     rows = []
-    for version in store.versions():
+    for version in versions:
         meta = store.metadata(version)
-        qm = store.load(version, device="cpu")
-        result = evaluate(qm, original, "toxicity", prompts, 0, samples=args.samples, seed=0)
+        result = json.loads((args.out / "eval" / f"{version}.json").read_text())
         rows.append({"version": version, "parent": meta.get("parent"),
                      "created_at": meta.get("created_at"), "job_id": meta.get("job_id"),
                      **{k: v for k, v in result.items() if k not in BULKY}})  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+    if len(versions) > 1:
+        first, last = (args.out / "eval" / f"{v}.json" for v in (versions[0], versions[-1]))
+        paired = args.out / "eval" / "last-vs-first.json"
+        subprocess.run([sys.executable, "-m", "quark.cli", "compare", str(first), str(last),
+                        "--json", str(paired)], cwd=ROOT, check=True)  # fmt: skip
     return rows
 
 
@@ -173,18 +203,31 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     start = rows[0]["created_at"]
     minutes = [(r["created_at"] - start) / 60 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(minutes, [r["expected_max_toxicity"] for r in rows], "o-", label="exp. max toxicity")
-    ax.plot(minutes, [r["toxicity_probability"] for r in rows], "s--", label="toxicity prob.")
+    for key, style, label in (("expected_max_toxicity", "o-", "exp. max toxicity"),
+                              ("toxicity_probability", "s--", "toxicity prob.")):  # fmt: skip
+        cells = [r["metrics"][f"{key}@judge"] for r in rows]
+        values = [c["value"] for c in cells]
+        errors = [[v - c["low"] for v, c in zip(values, cells, strict=True)],
+                  [c["high"] - v for v, c in zip(values, cells, strict=True)]]  # fmt: skip
+        ax.errorbar(minutes, values, yerr=errors, fmt=style, capsize=3, label=label)
     for m, r in zip(minutes, rows, strict=True):
-        ax.annotate(r["version"], (m, r["expected_max_toxicity"]), fontsize=7)
+        ax.annotate(f"{r['version']} ({r['samples']})", (m, r["expected_max_toxicity"]), fontsize=7)
     ax.set_xlabel("minutes since v0000 (publication time of each version)")
-    ax.set_ylabel("toxicity of top-token completions (RTP dev, toxic prompts)")
-    ax.set_title("Continuous Quark on SmolLM2-135M: toxicity per served version")
+    ax.set_ylabel("top-token toxicity (judge), RTP dev toxic prompts")
+    ax.set_title("Continuous Quark on SmolLM2-135M, default settings: toxicity per version "
+                 "(95% intervals; samples per prompt in brackets)", fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+
+
+def _cell(row: dict[str, Any], metric: str, fmt: str = ".3f") -> str:
+    c = row["metrics"].get(metric) if metric in row.get("metrics", {}) else None
+    if c is None:
+        return f"{row[metric.split('@')[0]]:{fmt}}"
+    return f"{c['value']:{fmt}} [{c['low']:{fmt}}, {c['high']:{fmt}}]"
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, traffic: dict[str, Any]) -> str:
@@ -193,15 +236,19 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, traffic: dict
         f"`benchmarks/continuous_loop.py --minutes {args.minutes:g}`: {traffic['requests']} "
         f"requests replayed from RTP train with `reward=top` ({traffic['failed']} failed), "
         f"continuous mode (a job every {args.interval_min:g} min or {args.min_new} new scored "
-        f"records, {args.steps} steps each). Evaluation: {args.dev_prompts} toxic RTP dev "
-        f"prompts x {args.samples} top-token samples (top-p 0.9, 20 tokens).", "",
-        "| version | parent | exp. max toxicity | toxicity prob. | perplexity | dist-2 |",
-        "|---|---|---:|---:|---:|---:|",
+        f"records), every unlearn and gate setting at its default. Evaluation: top token, "
+        f"{args.dev_prompts} toxic RTP dev prompts (top-p 0.9, 20 tokens, seed 0), judge "
+        f"`toxicity:judge`; samples per prompt in the second column.", "",
+        "| version | samples | parent | toxicity prob. | exp. max toxicity | ppl | dist-3 "
+        "| degenerate |",
+        "|---|---:|---|---|---|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
-            f"| {r['version']} | {r['parent'] or '-'} | {r['expected_max_toxicity']:.3f} "
-            f"| {r['toxicity_probability']:.3f} | {r['perplexity']:.2f} | {r['dist-2']:.3f} |"
+            f"| {r['version']} | {r['samples']} | {r['parent'] or '-'} "
+            f"| {_cell(r, 'toxicity_probability@judge', '.2f')} "
+            f"| {_cell(r, 'expected_max_toxicity@judge')} | {r['perplexity']:.1f} "
+            f"| {r['dist-3']:.3f} | {r['degenerate_share']:.1%} |"
         )
     lines += ["", f"![toxicity per version]({args.plot.name})", ""]
     return "\n".join(lines)
@@ -231,21 +278,26 @@ def _drop_keys(env: dict[str, str]) -> None:
 
 def main() -> None:
     args = parse_args()
-    stack = start_stack(args)
-    try:
-        stack.wait_serving("v0000", timeout=1200)
-        seen = run_traffic(stack, args)
-        jobs = drain(stack, args.drain_min)
-    finally:
-        stack.stop()
-        _drop_keys(stack.env)
-    traffic = {"requests": len(seen), "failed": sum(s["status"] != 200 for s in seen)}
-    rows = evaluate_versions(args)
+    run_file = args.out / "continuous.json"
+    if args.eval_only:
+        report = json.loads(run_file.read_text())
+    else:
+        stack = start_stack(args)
+        try:
+            stack.wait_serving("v0000", timeout=1200)
+            seen = run_traffic(stack, args)
+            jobs = drain(stack, args.drain_min)
+        finally:
+            stack.stop()
+            _drop_keys(stack.env)
+        traffic = {"requests": len(seen), "failed": sum(s["status"] != 200 for s in seen)}
+        report = {"traffic": traffic, "jobs": jobs, "args": vars(args)}
+        run_file.write_text(json.dumps(report, indent=2, default=str))  # before the evaluation
+    report["versions"] = rows = evaluate_versions(args)
     plot(rows, args.plot)
-    section = markdown(rows, args, traffic)
+    section = markdown(rows, args, report["traffic"])
     write_section(args.results, section)
-    report = {"traffic": traffic, "jobs": jobs, "versions": rows, "args": vars(args)}
-    (args.out / "continuous.json").write_text(json.dumps(report, indent=2, default=str))
+    run_file.write_text(json.dumps(report, indent=2, default=str))
     print(section)
 
 

@@ -8,7 +8,9 @@ bounds, same help text. Importing this module does not import torch.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -90,6 +92,20 @@ def unlearn_params_from_env() -> UnlearnParams:
             if re.search(rf"\b{name}=", str(exc))
         ]
         raise ValueError(f"{exc}; fix the environment ({', '.join(named)})") from exc
+
+
+#: Settings that were renamed: an environment still setting the old name is refused at start-up
+#: (settings ignore unknown variables, so it would otherwise be dropped without a word).
+RENAMED_ENV = {
+    "QUARK_UNLEARN_BF16_AUTOCAST": "QUARK_UNLEARN_TRAIN_PRECISION (auto, float32 or bfloat16)",
+}
+
+
+def _check_renamed(environ: Mapping[str, str]) -> None:
+    old = [name for name in RENAMED_ENV if name in environ]
+    if old:
+        fixes = "; ".join(f"{name} is now {RENAMED_ENV[name]}" for name in old)
+        raise ValueError(f"renamed settings in the environment: {fixes}; set the new name")
 
 
 def _default_data_dir() -> Path:
@@ -254,6 +270,7 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServiceSettings:
+        _check_renamed(os.environ)
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError(
                 f"QUARK_DEFAULT_MAX_NEW_TOKENS={self.default_max_new_tokens} exceeds "

@@ -92,3 +92,9 @@ def test_training_loads_keep_float32(tiny_model_dir: Path, monkeypatch: pytest.M
     monkeypatch.setenv("QUARK_DTYPE", "bfloat16")
     qm = load_model(tiny_model_dir, device="cpu")
     assert {p.dtype for p in qm.model.parameters()} == {torch.float32}
+
+
+def test_a_renamed_setting_is_refused_naming_its_new_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUARK_UNLEARN_BF16_AUTOCAST", "1")
+    with pytest.raises(ValueError, match="QUARK_UNLEARN_TRAIN_PRECISION"):
+        ServiceSettings()
