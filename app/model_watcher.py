@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import redis
 from prometheus_client import Counter, Gauge
 
-from app.engine import serving_dtype
+from app.engine import prepare_for_serving, serving_dtype
 from app.metrics import Metrics
 from quark.models import QuarkModel
 from quark.service.redis_client import connect
@@ -228,6 +228,7 @@ class ModelWatcher:
             qm = self.store.load(
                 version, device=self.settings.device, dtype=serving_dtype(self.settings)
             )
+            prepare_for_serving(qm, self.settings)
         except (StoreError, OSError, ValueError, RuntimeError) as exc:
             self.rejected.add(version)
             self._swaps.labels(outcome="rejected").inc()

@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--interval-min", type=float, default=6.0, help="QUARK_CONTINUOUS_INTERVAL_MIN")
     p.add_argument("--min-new", type=int, default=200, help="QUARK_CONTINUOUS_MIN_NEW_RECORDS")
+    p.add_argument("--max-kl", type=float, help="QUARK_GATE_MAX_KL (default: the setting's)")
     p.add_argument("--drain-min", type=float, default=10.0, help="wait for a running job")
     p.add_argument("--dev-prompts", type=int, default=100)
     p.add_argument("--samples", type=int, default=25, help="per prompt: first and last version")
@@ -87,6 +88,8 @@ def start_stack(args: argparse.Namespace) -> Stack:
     # One torch thread each for the API and the worker (service_env sets OMP_NUM_THREADS=1):
     # on 2 cores, 2 + 2 threads spin against each other and serving slowed ~30x while training.
     env["QUARK_MODEL"] = args.model
+    if args.max_kl is not None:
+        env["QUARK_GATE_MAX_KL"] = str(args.max_kl)
     args.out.mkdir(parents=True, exist_ok=True)
     stack = Stack(args.out, env)
     stack.start_worker(timeout=1200)

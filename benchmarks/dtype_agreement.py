@@ -1,7 +1,8 @@
-"""Serving in bfloat16 instead of float32: how much do outputs change, and how much faster?
+"""Serving in bfloat16 or int8 instead of float32: how much do outputs change, how much faster?
 
-On the real default model (SmolLM2-135M-Instruct, converted from its GGUF), loaded once in
-float32 and once in bfloat16 from the same weights, over RealToxicityPrompts dev prompts:
+On the real default model (SmolLM2-135M-Instruct, converted from its GGUF), loaded in
+float32, in bfloat16, and in bfloat16 with int8 weights (``QUARK_QUANTIZATION=int8``) from
+the same weights, over RealToxicityPrompts dev prompts, each compared with float32:
 
 * greedy agreement: each prompt decoded greedily for ``--new-tokens`` tokens by the
   server's decoder (app.decoding) in both precisions; the share of prompts whose tokens
@@ -10,8 +11,10 @@ float32 and once in bfloat16 from the same weights, over RealToxicityPrompts dev
   completion (teacher forcing, so the contexts are the same); mean KL(p_fp32 || p_bf16)
   and top-1 agreement over the prompt's last position and every completion position;
 * decode speed: tokens/s of decode steps alone (prefill excluded) at each ``--batch``
-  size, float32 and bfloat16 alternating for ``--repeats`` rounds (median reported), rows
-  sampled at temperature 1 with EOS ignored so every step runs the full batch.
+  size, the variants alternating for ``--repeats`` rounds (median reported), rows sampled
+  at temperature 1 with EOS ignored so every step runs the full batch. One more variant,
+  "bfloat16, concat cache", is bfloat16 with the KV cache that concatenates every step
+  (before ``app.decoding.PreallocatedLayer``), to measure the preallocated cache.
 
 Usage: ``python benchmarks/dtype_agreement.py [--prompts 50] [--new-tokens 20]
 [--batch 1 16] [--threads 1] [--json out.json]``. Timings on a shared machine are noisy.
@@ -24,16 +27,23 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.decoding import Row, RowSampling, decode, make_batch  # noqa: E402
+from app.decoding import DecodeBatch, Row, RowSampling, decode, make_batch  # noqa: E402
 from benchmarks.engine_choice import load_prompts  # noqa: E402
 from quark.models import QuarkModel, load_model  # noqa: E402
+from quark.quantize import quantize_int8  # noqa: E402
+
+CONCAT = "bfloat16, concat cache"
 
 
 def prompt_ids(qm: QuarkModel, prompts: list[str]) -> list[list[int]]:
@@ -74,7 +84,7 @@ def next_token_log_probs(qm: QuarkModel, ids: list[int], first: int) -> torch.Te
 def distribution_agreement(
     fp32: QuarkModel, bf16: QuarkModel, prompts: list[list[int]], completions: list[list[int]]
 ) -> dict[str, float]:
-    """Teacher-forced on the float32 greedy completions: KL(fp32 || bf16), top-1 agreement."""
+    """Teacher-forced on the float32 greedy completions: KL(fp32 || other), top-1 agreement."""
     kls: list[float] = []
     top1: list[bool] = []
     for prompt, completion in zip(prompts, completions, strict=True):
@@ -107,49 +117,78 @@ def decode_rate(qm: QuarkModel, prompts: list[list[int]], batch: int, steps: int
     return batch * steps / (time.perf_counter() - start)
 
 
+@contextmanager
+def concatenating_cache() -> Iterator[None]:
+    """DecodeBatch with plain DynamicLayers (torch.cat every step), as before preallocation."""
+
+    def plain(self: DecodeBatch, cache: DynamicCache, kv: list[tuple[torch.Tensor, ...]]) -> None:
+        cache.layers = []
+        for keys, values in kv:
+            layer = DynamicLayer()
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+            cache.layers.append(layer)
+
+    original = DecodeBatch._preallocate
+    DecodeBatch._preallocate = plain  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        DecodeBatch._preallocate = original  # type: ignore[method-assign]
+
+
+def timed_rate(
+    variant: str, qm: QuarkModel, prompts: list[list[int]], batch: int, steps: int
+) -> float:
+    with concatenating_cache() if variant == CONCAT else nullcontext():
+        return decode_rate(qm, prompts, batch, steps)
+
+
 def speed(
     models: dict[str, QuarkModel],
     prompts: list[list[int]],
     batches: list[int],
     args: argparse.Namespace,
 ) -> list[dict[str, float]]:
-    """Median decode tokens/s per batch size and dtype, the dtypes alternating per round."""
+    """Median decode tokens/s per batch size and variant, the variants alternating per round."""
+    variants = {**models, CONCAT: models["bfloat16"]}
     table = []
     for batch in batches:
-        rates: dict[str, list[float]] = {name: [] for name in models}
-        for qm in models.values():  # warm-up: first calls allocate and pick kernels
-            decode_rate(qm, prompts, batch, 2)
+        rates: dict[str, list[float]] = {name: [] for name in variants}
+        for name, qm in variants.items():  # warm-up: first calls allocate and pick kernels
+            timed_rate(name, qm, prompts, batch, 2)
         for _ in range(args.repeats):
-            for name, qm in models.items():
-                rates[name].append(decode_rate(qm, prompts, batch, args.new_tokens))
-        fp32, bf16 = (statistics.median(rates[n]) for n in ("float32", "bfloat16"))
-        table.append({"batch": batch, "float32_tokens_per_s": round(fp32, 2),
-                      "bfloat16_tokens_per_s": round(bf16, 2),
-                      "bf16_over_fp32": round(bf16 / fp32, 3)})  # fmt: skip
-        print(json.dumps(table[-1]), flush=True)
+            for name, qm in variants.items():
+                rates[name].append(timed_rate(name, qm, prompts, batch, args.new_tokens))
+        medians = {name: statistics.median(r) for name, r in rates.items()}
+        row = {"batch": batch, **{f"{n} tokens/s": round(v, 2) for n, v in medians.items()}}
+        row.update({f"{n} / float32": round(v / medians["float32"], 3) for n, v in medians.items()})
+        table.append(row)
+        print(json.dumps(row), flush=True)
     return table
 
 
 def markdown(
-    greedy_stats: dict[str, float], dist: dict[str, float], rows: list[dict[str, float]]
+    agreement: dict[str, dict[str, dict[str, float]]], rows: list[dict[str, float]]
 ) -> str:
-    g = greedy_stats
-    lines = [
-        f"greedy, {g['prompts']} prompts: identical {g['identical_share']:.0%}, mean common "
-        f"prefix {g['mean_common_prefix_tokens']} tokens, positions equal "
-        f"{g['position_equal_share']:.1%}",
-        f"next-token KL(fp32 || bf16) over {dist['positions']} positions: mean "
-        f"{dist['mean_kl_fp32_bf16']}, p99 {dist['p99_kl']}, max {dist['max_kl']}; top-1 "
-        f"agreement {dist['top1_agreement']:.1%}",
-        "",
-        "| batch | float32 tokens/s | bfloat16 tokens/s | bf16 / fp32 |",
-        "|---:|---:|---:|---:|",
-    ]
-    for r in rows:
+    lines = []
+    for name, stats in agreement.items():
+        g, d = stats["greedy"], stats["distribution"]
         lines.append(
-            f"| {r['batch']} | {r['float32_tokens_per_s']} | {r['bfloat16_tokens_per_s']} "
-            f"| {r['bf16_over_fp32']}x |"
+            f"{name}: greedy, {g['prompts']} prompts: identical {g['identical_share']:.0%}, "
+            f"mean common prefix {g['mean_common_prefix_tokens']} tokens, positions equal "
+            f"{g['position_equal_share']:.1%}; next-token KL(float32 || {name}) over "
+            f"{d['positions']} positions: mean {d['mean_kl_fp32_bf16']}, p99 {d['p99_kl']}, "
+            f"max {d['max_kl']}; top-1 agreement {d['top1_agreement']:.1%}"
         )
+    names = (
+        [k.removesuffix(" tokens/s") for k in rows[0] if k.endswith(" tokens/s")] if rows else []
+    )
+    lines += ["", "| batch | " + " | ".join(f"{n} tokens/s (x fp32)" for n in names) + " |",
+              "|---:|" + "---:|" * len(names)]  # fmt: skip
+    for r in rows:
+        cells = [f"{r[f'{n} tokens/s']} ({r[f'{n} / float32']}x)" for n in names]
+        lines.append(f"| {r['batch']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -158,28 +197,35 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--new-tokens", type=int, default=20)
-    parser.add_argument("--batch", type=int, nargs="*", default=[1, 16], help="none: no timing")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per dtype")
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 16, 32], help="none: no timing")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one compute core)")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    int8 = load_model(args.model, device="cpu", dtype=torch.bfloat16)
+    quantize_int8(int8.model)
     models = {
         "float32": load_model(args.model, device="cpu", dtype=torch.float32),
         "bfloat16": load_model(args.model, device="cpu", dtype=torch.bfloat16),
+        "int8": int8,
     }
     prompts = prompt_ids(models["float32"], load_prompts(args.prompts))
     outputs = {n: [greedy(qm, p, args.new_tokens) for p in prompts] for n, qm in models.items()}
-    greedy_stats = greedy_agreement(outputs["float32"], outputs["bfloat16"])
-    print(json.dumps({"greedy": greedy_stats}), flush=True)
-    dist = distribution_agreement(
-        models["float32"], models["bfloat16"], prompts, outputs["float32"]
-    )
-    print(json.dumps({"distribution": dist}), flush=True)
+    agreement = {
+        name: {
+            "greedy": greedy_agreement(outputs["float32"], outputs[name]),
+            "distribution": distribution_agreement(
+                models["float32"], models[name], prompts, outputs["float32"]
+            ),
+        }
+        for name in ("bfloat16", "int8")
+    }
+    print(json.dumps(agreement), flush=True)
     rows = speed(models, prompts, args.batch, args)
-    print(markdown(greedy_stats, dist, rows))
+    print(markdown(agreement, rows))
     if args.json:
-        report = {"greedy": greedy_stats, "distribution": dist, "speed": rows,
+        report = {"agreement": agreement, "speed": rows,
                   "args": {k: str(v) for k, v in vars(args).items()}}  # fmt: skip
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -13,14 +13,19 @@ llama-cpp-python is not a project dependency: give a Python that has it with
 ``--peer-python`` (e.g. a venv: ``python3 -m venv /tmp/peer-venv &&
 /tmp/peer-venv/bin/pip install 'llama-cpp-python[server]'``).
 
+One of our servers runs per ``--quantization`` value (default: ``none`` and ``int8``), all
+measured in the same rounds, so the table compares each with llama.cpp and with each other.
+
 Usage: ``python benchmarks/peer_serving.py --peer-python /tmp/peer-venv/bin/python
-[--seconds 40] [--levels 1 4 16 32] [--dtype auto] [--json out.json]``.
+[--seconds 40] [--levels 1 4 16 32] [--dtype auto] [--quantization none int8]
+[--json out.json]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import shutil
 import statistics
@@ -169,37 +174,42 @@ def start_peer(
 
 
 def start_quark(
-    gguf: Path, threads: int, dtype: str, workdir: Path
+    gguf: Path, threads: int, dtype: str, quantization: str, workdir: Path
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     """Our server on the same GGUF (converted once into the model cache)."""
     prefix = f"bench-peer-{uuid.uuid4().hex[:8]}"
     process, url = launch_server({
         "QUARK_MODEL": str(gguf), "QUARK_KEY_PREFIX": prefix,
-        "QUARK_DATA_DIR": str(workdir / "data"), "QUARK_TORCH_THREADS": str(threads),
-        "QUARK_DTYPE": dtype, "QUARK_WATCH_VERSIONS": "0",
+        "QUARK_DATA_DIR": str(workdir / f"data-{quantization}"),
+        "QUARK_TORCH_THREADS": str(threads), "QUARK_DTYPE": dtype,
+        "QUARK_QUANTIZATION": quantization, "QUARK_WATCH_VERSIONS": "0",
         "QUARK_MAX_QUEUE": "1024",  # every client's request waits: none is turned away
     })  # fmt: skip
     return process, url, prefix
 
 
 def table(results: list[LevelResult]) -> str:
-    ours = {r.clients: r for r in results if r.server == QUARK}
-    peer = {r.clients: r for r in results if r.server == PEER}
+    """One row per client count: each of our servers against the peer."""
+    by = {(r.server, r.clients): r for r in results}
+    ours = sorted({r.server for r in results if r.server != PEER})
 
     def latency(r: LevelResult) -> str:
         return f"{r.p50_latency_s} s" if r.p50_latency_s is not None else "-"
 
     lines = [
-        "| clients | quark-serve tokens/s | llama-cpp-python server tokens/s | ratio "
-        "| p50 latency quark / llama.cpp |",
-        "|---:|---:|---:|---:|---|",
-    ]
-    for clients in sorted(ours):
-        a, b = ours[clients], peer[clients]
-        ratio = f"{a.tokens_per_s / b.tokens_per_s:.2f}x" if b.tokens_per_s else "-"
+        "| clients | llama-cpp-python server tokens/s (p50) | "
+        + " | ".join(f"{name} tokens/s (p50), ratio" for name in ours) + " |",
+        "|---:|---:|" + "---:|" * len(ours),
+    ]  # fmt: skip
+    for clients in sorted({r.clients for r in results}):
+        peer = by[(PEER, clients)]
+        cells = []
+        for name in ours:
+            a = by[(name, clients)]
+            ratio = f"{a.tokens_per_s / peer.tokens_per_s:.2f}x" if peer.tokens_per_s else "-"
+            cells.append(f"{a.tokens_per_s} ({latency(a)}), {ratio}")
         lines.append(
-            f"| {clients} | {a.tokens_per_s} | {b.tokens_per_s} | {ratio} "
-            f"| {latency(a)} / {latency(b)} |"
+            f"| {clients} | {peer.tokens_per_s} ({latency(peer)}) | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
@@ -227,7 +237,9 @@ def main() -> None:
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 32])
     parser.add_argument("--max-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="compute threads of each server")
-    parser.add_argument("--dtype", default="auto", help="QUARK_DTYPE of our server")
+    parser.add_argument("--dtype", default="auto", help="QUARK_DTYPE of our servers")
+    parser.add_argument("--quantization", nargs="+", default=["none", "int8"],
+                        help="one of our servers per QUARK_QUANTIZATION value")  # fmt: skip
     parser.add_argument("--prompts", type=int, default=200, help="RTP dev prompts to cycle")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -237,20 +249,24 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="quark-peer-"))
     stops: list[Callable[[], None]] = []
     try:
-        ours, url, prefix = start_quark(gguf, args.threads, args.dtype, workdir)
-        stops.append(lambda: _stop(ours, prefix))
+        targets = []
+        for quantization in args.quantization:
+            ours, url, prefix = start_quark(gguf, args.threads, args.dtype, quantization, workdir)
+            stops.append(functools.partial(_stop, ours, prefix))
+            targets.append(Target(f"{QUARK} ({quantization})", url, {}))
         peer, peer_url = start_peer(args.peer_python, gguf, args.threads, workdir)
         stops.append(lambda: _stop(peer))
         # llama.cpp's own sampler defaults (top-k 40, min-p 0.05, ...) off: plain sampling.
         plain: dict[str, object] = {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
-        targets = [Target(QUARK, url, {}), Target(PEER, peer_url, plain)]
+        targets.append(Target(PEER, peer_url, plain))
         results = measure(targets, args)
     finally:
         for stop in reversed(stops):
             stop()
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\n{gguf.name}, {args.seconds:g} s per level, {args.threads} thread(s) each, "
-          f"{args.max_tokens}-token completions, QUARK_DTYPE={args.dtype}\n")  # fmt: skip
+          f"{args.max_tokens}-token completions, QUARK_DTYPE={args.dtype}, "
+          f"QUARK_QUANTIZATION={' / '.join(args.quantization)}\n")  # fmt: skip
     print(table(results))
     if args.json:
         report = {"results": [asdict(r) for r in results], "table": table(results),

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # torch is imported where it is used: the settings import thi
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 #: The values of QUARK_DTYPE.
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+#: The values of QUARK_QUANTIZATION (serving weights; ``quark.quantize``).
+QUANTIZATION_CHOICES = ("none", "int8")
 #: /proc/cpuinfo flags of CPUs whose vector units compute in bf16 natively.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")

@@ -28,7 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from quark.config import BOUNDS
 from quark.online.params import UnlearnParams
 from quark.paths import default_cache_dir
-from quark.precision import DTYPE_CHOICES
+from quark.precision import DTYPE_CHOICES, QUANTIZATION_CHOICES
 
 
 def unlearn_env_name(field_name: str) -> str:
@@ -128,6 +128,11 @@ class ServiceSettings(BaseSettings):
         description="precision of the served model: auto, float32, bfloat16, float16 (auto = "
         "bfloat16 on CUDA or a CPU with native bf16, else float32; training: "
         "QUARK_UNLEARN_TRAIN_PRECISION)",
+    )
+    quantization: str = Field(
+        "none",
+        description="serving weights: none, or int8 (weight-only, CPU, needs QUARK_DTYPE "
+        "bfloat16 or auto resolving to it; faster for one stream, see docs/results.md)",
     )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache")
     data_dir: Path = Field(
@@ -265,6 +270,17 @@ class ServiceSettings(BaseSettings):
             raise ValueError(
                 f"QUARK_DTYPE={value!r} is not a serving precision: use one of "
                 f"{', '.join(DTYPE_CHOICES)}"
+            )
+        return name
+
+    @field_validator("quantization", mode="after")
+    @classmethod
+    def _check_quantization(cls, value: str) -> str:
+        name = value.strip().lower()
+        if name not in QUANTIZATION_CHOICES:
+            raise ValueError(
+                f"QUARK_QUANTIZATION={value!r} is not a serving quantization: use one of "
+                f"{', '.join(QUANTIZATION_CHOICES)}"
             )
         return name
 
