@@ -89,6 +89,19 @@ class Params:
         return {f.name: hints[f.name] for f in fields(cls)}
 
 
+def train_precision_param() -> Any:
+    """The ``train_precision`` field, declared once for QuarkConfig and ACFTConfig."""
+    return param(
+        "auto",
+        "Precision of the training forwards and backwards on CPU: 'bfloat16' (autocast; the "
+        "weights, AdamW and the losses stay float32), 'float32', or 'auto' = bfloat16 where "
+        "the CPU computes it natively (avx512_bf16, amx_bf16, Arm bf16), else float32. On this "
+        "project's CPUs bf16 makes a step 2-3x cheaper, and 30 minutes of it unlearn more than "
+        "30 of float32 (docs/results.md, ablation 5). Models on CUDA train in float32.",
+        choices=TRAIN_PRECISIONS,
+    )
+
+
 @dataclass
 class QuarkConfig(Params):
     """Hyper-parameters of Quark, for ``quark train`` and every online unlearn job.
@@ -184,15 +197,7 @@ class QuarkConfig(Params):
         choices=TOKEN_INITS,
     )
     freeze_layers: int = param(0, "Freeze the lowest N transformer blocks.", ge=0)
-    train_precision: str = param(
-        "auto",
-        "Precision of the training forwards and backwards on CPU: 'bfloat16' (autocast; the "
-        "weights, AdamW and the losses stay float32), 'float32', or 'auto' = bfloat16 where "
-        "the CPU computes it natively (avx512_bf16, amx_bf16, Arm bf16), else float32. On this "
-        "project's CPUs bf16 makes a step 2-3x cheaper, and 30 minutes of it unlearn more than "
-        "30 of float32 (docs/results.md, ablation 5). Models on CUDA train in float32.",
-        choices=TRAIN_PRECISIONS,
-    )
+    train_precision: str = train_precision_param()
     seed: int = param(42, "Random seed.")
 
     def problems(self) -> Iterator[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
-from quark.config import OBJECTIVES, Params, param
+from quark.config import OBJECTIVES, Params, param, train_precision_param
 
 
 @dataclass
@@ -54,6 +54,7 @@ class ACFTConfig(Params):
         1.0, "lambda: weight of the per-token KL(q || p_theta) added to the corpus NLL.", ge=0
     )
     # -- data -----------------------------------------------------------------------------------
+    train_precision: str = train_precision_param()
     response_length: int = param(20, "Completion tokens kept per example.", ge=1, le=512)
     max_prompt_tokens: int = param(256, "Prompts longer than N tokens keep their last N.", ge=1)
     seed: int = param(42, "Random seed (batch order).")

@@ -30,7 +30,7 @@ from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import PoolRecord
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
-from quark.training import linear_warmup_decay
+from quark.training import bf16_autocast, linear_warmup_decay
 
 HEAD_DIR = "aux_head"
 
@@ -250,6 +250,10 @@ class ACFTTrainer(_Checkpointed):
         head.requires_grad_(False)
         head.zero_grad(set_to_none=True)  # gradients left by an AuxTrainer are never used
         self.features = FeatureCache(base, pair_encoder(qm, config), config.aux_cache_samples)
+        # The policy's forward and backward (the step's cost) as Quark's: weights, AdamW
+        # and the loss stay float32. The frozen base's features stay float32: they are
+        # computed once per sample and cached.
+        self._bf16 = bf16_autocast(config.train_precision, qm.device)
         self.step = 0
         self.rng = random.Random(config.seed)
         self._batches = _Batches(self.rng)
@@ -281,7 +285,8 @@ class ACFTTrainer(_Checkpointed):
         target, _ = self.target(batch, examples)
         self.qm.model.train()
         width = batch.labels.shape[1]
-        policy = completion_logits(self.qm.model, batch.input_ids, batch.attention_mask, width)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
+            policy = completion_logits(self.qm.model, batch.input_ids, batch.attention_mask, width)
         loss, stats = acft_loss(
             _restrict(self.qm, policy).float(),
             target,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -180,6 +181,19 @@ def test_llm_step_trains_only_the_policy(tiny_qm: QuarkModel) -> None:
     assert not _changed(head_before, head)
     assert all(p.grad is None for p in head.parameters())
     assert all(p.grad is None for p in base.parameters())
+
+
+def test_llm_step_follows_train_precision(tiny_qm: QuarkModel) -> None:
+    """bfloat16 autocasts the policy's forward (the loss differs from float32's by bf16
+    rounding, no more); float32 gives the float32 loss."""
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        config = _config(train_precision=precision)
+        qm = copy.deepcopy(tiny_qm)
+        trainer = ACFTTrainer(qm, frozen_copy(qm), new_head(qm, config), config)
+        losses[precision] = trainer.train_step(SAMPLES).loss
+    assert losses["bfloat16"] != losses["float32"]
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.05)
 
 
 def test_llm_step_with_reward_tokens_uses_the_original_vocabulary(tiny_qm: QuarkModel) -> None:
