@@ -199,24 +199,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _utility_passages(path: Path | None, config: QuarkConfig) -> list[str]:
     """The passages of ``--utility-text`` for Quark's utility KL term (none while it is off)."""
-    from quark.data import UTILITY_MIN_WORDS, read_passages
+    from quark.data import utility_passages
 
-    if config.utility_kl_coef == 0:
-        if path is not None:
-            log.warning("--utility-text is unused while --utility-kl-coef is 0")
-        return []
-    if path is None:
-        raise ValueError(
-            f"--utility-kl-coef {config.utility_kl_coef} needs --utility-text FILE (plain "
-            "text, a passage per line, e.g. WikiText); give one or set --utility-kl-coef 0"
-        )
-    passages = read_passages(path)
-    if not passages:
-        raise ValueError(
-            f"--utility-text {path} has no line of {UTILITY_MIN_WORDS}+ words: the utility KL "
-            "needs passages, one per line"
-        )
-    return passages
+    if config.utility_kl_coef == 0 and path is not None:
+        log.warning("--utility-text is unused while --utility-kl-coef is 0")
+    fix = (
+        "give --utility-text FILE (plain text, a passage per line, e.g. WikiText) or set "
+        "--utility-kl-coef 0"
+    )
+    return utility_passages(config.utility_kl_coef, path, fix)
 
 
 def _train_acft(

@@ -122,6 +122,22 @@ def read_passages(path: str | Path, min_words: int = UTILITY_MIN_WORDS) -> list[
         return [line.strip() for line in handle if len(line.split()) >= min_words]
 
 
+def utility_passages(coef: float, path: str | Path | None, fix: str) -> list[str]:
+    """The passages of ``path`` for a utility KL term of weight ``coef`` (none while it is
+    0); a missing or empty file is refused with ``fix``, how to give one or turn it off."""
+    if coef == 0:
+        return []
+    if path is None:
+        raise ValueError(f"a utility KL coefficient of {coef} needs a utility text: {fix}")
+    passages = read_passages(path)
+    if not passages:
+        raise ValueError(
+            f"the utility text {path} has no line of {UTILITY_MIN_WORDS}+ words (the utility "
+            f"KL needs passages, one per line): {fix}"
+        )
+    return passages
+
+
 def split_by_toxicity(
     items: Sequence[PromptItem], threshold: float = 0.5
 ) -> tuple[list[PromptItem], list[PromptItem]]:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from quark.checkpoint import STATE_FILE
-from quark.data import read_passages
+from quark.data import utility_passages
 from quark.evaluation import EvalResult, evaluate_version
 from quark.models import QuarkModel, load_model
 from quark.online.gate import is_held_out, judged_quantile, promotion_gate
@@ -212,17 +212,11 @@ class UnlearnJob:
 
     def _utility_passages(self) -> list[str]:
         """Passages of the utility text for the utility KL term (none while it is off)."""
-        if self.params.utility_kl_coef == 0:
-            return []
-        path = self.deps.utility_text
-        passages = read_passages(path) if path is not None else []
-        if not passages:
-            raise ValueError(
-                f"utility_kl_coef={self.params.utility_kl_coef} needs utility passages: set "
-                "QUARK_UTILITY_TEXT to a plain-text file with a passage per line, or set "
-                "utility_kl_coef to 0"
-            )
-        return passages
+        fix = (
+            "set QUARK_UTILITY_TEXT to a plain-text file with a passage per line, or set "
+            "utility_kl_coef to 0"
+        )
+        return utility_passages(self.params.utility_kl_coef, self.deps.utility_text, fix)
 
     def _evaluate(self, qm: QuarkModel, prompts: Sequence[str]) -> EvalResult:
         return evaluate_version(

@@ -160,7 +160,7 @@ def test_train_utility_kl_needs_a_utility_text(
             "--utility-kl-coef", "0.1"]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "--utility-kl-coef 0.1 needs --utility-text FILE" in err
+    assert "coefficient of 0.1 needs a utility text: give --utility-text FILE" in err
     short = tmp_path / "short.txt"
     short.write_text("too short to be a passage\n")
     assert main([*argv, "--utility-text", str(short)]) == 2
