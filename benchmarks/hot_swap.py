@@ -14,7 +14,8 @@ exactly what a worker does when a job passes its gate. Reports:
   from the new version) vs. steady state;
 * time from activation to the first response finished by the new version.
 
-Usage: ``python benchmarks/hot_swap.py [--duration 60] [--clients 8] [--model default]``
+Usage: ``python benchmarks/hot_swap.py [--duration 60] [--clients 8] [--model default]
+[--quantization int8]``
 """
 
 from __future__ import annotations
@@ -170,11 +171,13 @@ async def measure(url: str, store: Any, args: argparse.Namespace) -> dict[str, A
     return analyse(run, time.time())
 
 
-def start_server(model: str, data_dir: Path, prefix: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    model: str, data_dir: Path, prefix: str, quantization: str
+) -> tuple[subprocess.Popen[bytes], str]:
     return launch_server({
         "QUARK_MODEL": model, "QUARK_KEY_PREFIX": prefix, "QUARK_DATA_DIR": str(data_dir),
         "QUARK_REDIS_URL": os.environ.get("QUARK_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        "QUARK_WATCHER_POLL_S": "2", "QUARK_DEVICE": "cpu",
+        "QUARK_WATCHER_POLL_S": "2", "QUARK_DEVICE": "cpu", "QUARK_QUANTIZATION": quantization,
     })  # fmt: skip
 
 
@@ -224,6 +227,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--swaps", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--quantization", default="none", help="QUARK_QUANTIZATION of the server")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "hot_swap.json")
     args = parser.parse_args()
 
@@ -246,7 +250,7 @@ def main() -> None:
                 from testkit.tiny_model import save_tiny_model
 
                 model = str(save_tiny_model(workdir / "tiny", workdir / "tokenizer"))
-            process, url = start_server(model, data_dir, prefix)
+            process, url = start_server(model, data_dir, prefix, args.quantization)
         wait_serving_v0(url, store)
         result = asyncio.run(measure(url, store, args))
     finally:
@@ -258,7 +262,7 @@ def main() -> None:
             if keys:
                 client.delete(*keys)
     result.update(model=args.model, clients=args.clients, duration_s=args.duration,
-                  max_new_tokens=args.max_new_tokens)  # fmt: skip
+                  max_new_tokens=args.max_new_tokens, quantization=args.quantization)  # fmt: skip
     result["table"] = markdown(result, args)
     print(json.dumps({k: v for k, v in result.items() if k != "table"}, indent=2))
     print(result["table"])
