@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from pydantic import (
     AliasChoices,
     Field,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
@@ -106,6 +107,13 @@ def _check_renamed(environ: Mapping[str, str]) -> None:
     if old:
         fixes = "; ".join(f"{name} is now {RENAMED_ENV[name]}" for name in old)
         raise ValueError(f"renamed settings in the environment: {fixes}; set the new name")
+
+
+#: Settings whose value is one of a few names: field -> (what it is, the names).
+_CHOICES = {
+    "dtype": ("serving precision", DTYPE_CHOICES),
+    "quantization": ("serving quantization", QUANTIZATION_CHOICES),
+}
 
 
 def _default_data_dir() -> Path:
@@ -262,25 +270,16 @@ class ServiceSettings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
-    @field_validator("dtype", mode="after")
+    @field_validator("dtype", "quantization", mode="after")
     @classmethod
-    def _check_dtype(cls, value: str) -> str:
+    def _check_choice(cls, value: str, info: ValidationInfo) -> str:
+        """A name from a fixed list, case and spaces ignored."""
+        what, choices = _CHOICES[str(info.field_name)]
         name = value.strip().lower()
-        if name not in DTYPE_CHOICES:
+        if name not in choices:
             raise ValueError(
-                f"QUARK_DTYPE={value!r} is not a serving precision: use one of "
-                f"{', '.join(DTYPE_CHOICES)}"
-            )
-        return name
-
-    @field_validator("quantization", mode="after")
-    @classmethod
-    def _check_quantization(cls, value: str) -> str:
-        name = value.strip().lower()
-        if name not in QUANTIZATION_CHOICES:
-            raise ValueError(
-                f"QUARK_QUANTIZATION={value!r} is not a serving quantization: use one of "
-                f"{', '.join(QUANTIZATION_CHOICES)}"
+                f"QUARK_{str(info.field_name).upper()}={value!r} is not a {what}: use one of "
+                f"{', '.join(choices)}"
             )
         return name
 
