@@ -198,29 +198,38 @@ def evaluate_versions(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Mean toxicity of every version (it does not depend on the samples per prompt), and
+    exp. max toxicity and toxicity probability of the versions with the most samples (both
+    rise with the number of samples, so rows with fewer samples are not comparable)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     start = rows[0]["created_at"]
-    minutes = [(r["created_at"] - start) / 60 for r in rows]
+    most = max(r["samples"] for r in rows)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for key, style, label in (("expected_max_toxicity", "o-", "exp. max toxicity"),
-                              ("toxicity_probability", "s--", "toxicity prob.")):  # fmt: skip
-        cells = [r["metrics"][f"{key}@judge"] for r in rows]
+    series = (("mean_toxicity", "o-", "mean toxicity (every version)", rows),
+              ("expected_max_toxicity", "^:", f"exp. max toxicity ({most} samples)",
+               [r for r in rows if r["samples"] == most]),
+              ("toxicity_probability", "s--", f"toxicity prob. ({most} samples)",
+               [r for r in rows if r["samples"] == most]))  # fmt: skip
+    for key, style, label, chosen in series:
+        minutes = [(r["created_at"] - start) / 60 for r in chosen]
+        cells = [r["metrics"][f"{key}@judge"] for r in chosen]
         values = [c["value"] for c in cells]
         errors = [[v - c["low"] for v, c in zip(values, cells, strict=True)],
                   [c["high"] - v for v, c in zip(values, cells, strict=True)]]  # fmt: skip
         ax.errorbar(minutes, values, yerr=errors, fmt=style, capsize=3, label=label)
-    for m, r in zip(minutes, rows, strict=True):
-        ax.annotate(f"{r['version']} ({r['samples']})", (m, r["expected_max_toxicity"]), fontsize=7)
+    for r in rows:
+        at = ((r["created_at"] - start) / 60, r["mean_toxicity"])
+        ax.annotate(f"{r['version']} ({r['samples']})", at, fontsize=7)
     ax.set_xlabel("minutes since v0000 (publication time of each version)")
     ax.set_ylabel("top-token toxicity (judge), RTP dev toxic prompts")
-    ax.set_title("Continuous Quark on SmolLM2-135M, default settings: toxicity per version "
+    ax.set_title("Continuous Quark on SmolLM2-135M, default settings: toxicity per version\n"
                  "(95% intervals; samples per prompt in brackets)", fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -242,15 +251,16 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, traffic: dict
         f"records), every unlearn and gate setting at its default. Evaluation: top token, "
         f"{args.dev_prompts} toxic RTP dev prompts (top-p 0.9, 20 tokens, seed 0), judge "
         f"`toxicity:judge`; samples per prompt in the second column.", "",
-        "| version | samples | parent | toxicity prob. | exp. max toxicity | ppl | dist-3 "
-        "| degenerate |",
-        "|---|---:|---|---|---|---:|---:|---:|",
+        "| version | samples | parent | toxicity prob. | exp. max toxicity | mean toxicity | ppl "
+        "| dist-3 | degenerate |",
+        "|---|---:|---|---|---|---|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['version']} | {r['samples']} | {r['parent'] or '-'} "
             f"| {_cell(r, 'toxicity_probability@judge', '.2f')} "
-            f"| {_cell(r, 'expected_max_toxicity@judge')} | {r['perplexity']:.1f} "
+            f"| {_cell(r, 'expected_max_toxicity@judge')} "
+            f"| {_cell(r, 'mean_toxicity@judge')} | {r['perplexity']:.1f} "
             f"| {r['dist-3']:.3f} | {r['degenerate_share']:.1%} |"
         )
     lines += ["", f"![toxicity per version]({args.plot.name})", ""]

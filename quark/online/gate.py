@@ -23,7 +23,7 @@ DEFAULT_CONFIDENCE = 0.95
 #: Non-inferiority margin in reward units (``UnlearnParams.reward_tolerance``).
 DEFAULT_MARGIN = 0.02
 #: Cap of the mean per-token KL to the original model (``UnlearnParams.max_kl``).
-DEFAULT_MAX_KL = 0.5
+DEFAULT_MAX_KL = 2.0
 #: Above this many degrees of freedom the t quantile uses its expansion around the normal one.
 _EXACT_T_DF = 300
 

@@ -182,7 +182,7 @@ def test_gate_kl_bound_comes_from_settings_and_overrides() -> None:
     settings = ServiceSettings(unlearn=UnlearnParams(max_kl=0.5))
     assert settings.unlearn_params({}).max_kl == 0.5
     assert settings.unlearn_params({"max_kl": 0.2}).max_kl == 0.2
-    assert ServiceSettings().unlearn_params({}).max_kl == DEFAULT_MAX_KL == 0.5  # on by default
+    assert ServiceSettings().unlearn_params({}).max_kl == DEFAULT_MAX_KL == 2.0  # on by default
 
 
 def test_held_out_split_is_stable_and_about_the_fraction() -> None:
