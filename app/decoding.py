@@ -111,47 +111,6 @@ def _inverse_cdf(
     return (pick if order is None else order.gather(1, pick)).squeeze(1)
 
 
-#: Token positions a KV buffer reserves beyond its filled part (fewer when no row needs them).
-KV_RESERVE = 128
-
-
-class PreallocatedLayer(DynamicLayer):
-    """A full-attention KV layer that writes each step's keys and values into spare capacity
-    of a buffer [B, H, capacity, D] instead of concatenating (a copy of the whole cache per
-    layer per step); ``keys``/``values`` are views of its filled part [B, H, length, D].
-    Only ``DecodeBatch`` manages these: it rebuilds them when rows join or leave."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, reserve: int) -> None:
-        super().__init__()
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self._buffers = (self._buffer(keys, reserve), self._buffer(values, reserve))
-        self._set_length(keys.shape[2])
-
-    @staticmethod
-    def _buffer(filled: torch.Tensor, reserve: int) -> torch.Tensor:
-        b, h, length, d = filled.shape
-        buffer = filled.new_empty((b, h, length + reserve, d))
-        buffer[:, :, :length] = filled
-        return buffer
-
-    def _set_length(self, length: int) -> None:
-        self.length = length
-        self.keys, self.values = (buffer[:, :, :length] for buffer in self._buffers)
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[2]
-        if end > self._buffers[0].shape[2]:  # out of reserve: one copy into a larger buffer
-            keys, values = _kv(self)
-            self._buffers = (self._buffer(keys, KV_RESERVE), self._buffer(values, KV_RESERVE))
-        for buffer, states in zip(self._buffers, (key_states, value_states), strict=True):
-            buffer[:, :, self.length : end] = states
-        self._set_length(end)
-        return _kv(self)
-
-
 def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zero-pad ``t`` on the left of ``dim`` up to ``width``."""
     missing = width - t.shape[dim]
@@ -162,15 +121,12 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-FULL_ATTENTION = (DynamicLayer, PreallocatedLayer)
-
-
 def _cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
     layers: list[DynamicLayer] = []
     for layer in cache.layers:
         # Sliding-window or quantized layers keep positions differently; merging rows by
         # left-padding is only sound for plain full-attention layers.
-        if not isinstance(layer, DynamicLayer) or type(layer) not in FULL_ATTENTION:
+        if type(layer) is not DynamicLayer:
             raise TypeError(f"continuous batching needs DynamicLayer caches, got {type(layer)}")
         layers.append(layer)
     return layers
@@ -277,21 +233,15 @@ class DecodeBatch:
         index = torch.tensor(keep, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int(mask.any(dim=0).nonzero()[0])  # first column any remaining row uses
+        for layer in _cache_layers(self.cache):
+            keys, values = _kv(layer)
+            layer.keys = keys.index_select(0, index)[:, :, start:]
+            layer.values = values.index_select(0, index)[:, :, start:]
         self.mask = mask[:, start:]
         assert self.positions is not None and self.last is not None
         self.positions = self.positions.index_select(0, index)
         self.last = self.last.index_select(0, index)
         self.rows = [self.rows[i] for i in keep]
-        self._preallocate(
-            self.cache,
-            [
-                (
-                    keys.index_select(0, index)[:, :, start:],
-                    values.index_select(0, index)[:, :, start:],
-                )
-                for keys, values in map(_kv, _cache_layers(self.cache))
-            ],
-        )
 
     def _left_pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -321,35 +271,20 @@ class DecodeBatch:
     ) -> None:
         """Append prefilled rows: left-pad the shorter of the two caches, concatenate rows."""
         if self.cache is None:
+            _cache_layers(cache)
             self.rows, self.cache, self.mask = rows, cache, mask
             self.positions, self.last = positions, last
-            self._preallocate(cache, [_kv(layer) for layer in _cache_layers(cache)])
             return
         assert self.mask is not None and self.positions is not None and self.last is not None
         width = max(self.mask.shape[1], mask.shape[1])
-        merged = []
         for old, new in zip(_cache_layers(self.cache), _cache_layers(cache), strict=True):
             (old_k, old_v), (new_k, new_v) = _kv(old), _kv(new)
-            merged.append(
-                (
-                    torch.cat([_pad_left(old_k, width, 2), _pad_left(new_k, width, 2)]),
-                    torch.cat([_pad_left(old_v, width, 2), _pad_left(new_v, width, 2)]),
-                )
-            )
+            old.keys = torch.cat([_pad_left(old_k, width, 2), _pad_left(new_k, width, 2)])
+            old.values = torch.cat([_pad_left(old_v, width, 2), _pad_left(new_v, width, 2)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
         self.positions = torch.cat([self.positions, positions])
         self.last = torch.cat([self.last, last])
         self.rows = self.rows + rows
-        self._preallocate(self.cache, merged)
-
-    def _preallocate(
-        self, cache: DynamicCache, kv: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> None:
-        """Make ``cache``'s layers preallocated buffers of ``kv``, reserving room for the
-        tokens the rows may still take (at most ``KV_RESERVE``)."""
-        remaining = max(r.sampling.max_new_tokens - len(r.tokens) for r in self.rows)
-        reserve = max(1, min(KV_RESERVE, remaining))
-        cache.layers = [PreallocatedLayer(keys, values, reserve) for keys, values in kv]
 
     def _record(self, rows: list[Row], tokens: torch.Tensor) -> None:
         """Append each row's new token, mark finished rows and drop them from the batch."""

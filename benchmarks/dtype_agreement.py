@@ -12,9 +12,7 @@ the same weights, over RealToxicityPrompts dev prompts, each compared with float
   and top-1 agreement over the prompt's last position and every completion position;
 * decode speed: tokens/s of decode steps alone (prefill excluded) at each ``--batch``
   size, the variants alternating for ``--repeats`` rounds (median reported), rows sampled
-  at temperature 1 with EOS ignored so every step runs the full batch. One more variant,
-  "bfloat16, concat cache", is bfloat16 with the KV cache that concatenates every step
-  (before ``app.decoding.PreallocatedLayer``), to measure the preallocated cache.
+  at temperature 1 with EOS ignored so every step runs the full batch.
 
 Usage: ``python benchmarks/dtype_agreement.py [--prompts 50] [--new-tokens 20]
 [--batch 1 16] [--threads 1] [--json out.json]``. Timings on a shared machine are noisy.
@@ -27,23 +25,17 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.decoding import DecodeBatch, Row, RowSampling, decode, make_batch  # noqa: E402
+from app.decoding import Row, RowSampling, decode, make_batch  # noqa: E402
 from benchmarks.engine_choice import load_prompts  # noqa: E402
 from quark.models import QuarkModel, load_model  # noqa: E402
 from quark.quantize import quantize_int8  # noqa: E402
-
-CONCAT = "bfloat16, concat cache"
 
 
 def prompt_ids(qm: QuarkModel, prompts: list[str]) -> list[list[int]]:
@@ -117,33 +109,6 @@ def decode_rate(qm: QuarkModel, prompts: list[list[int]], batch: int, steps: int
     return batch * steps / (time.perf_counter() - start)
 
 
-@contextmanager
-def concatenating_cache() -> Iterator[None]:
-    """DecodeBatch with plain DynamicLayers (torch.cat every step), as before preallocation."""
-
-    def plain(self: DecodeBatch, cache: DynamicCache, kv: list[tuple[torch.Tensor, ...]]) -> None:
-        cache.layers = []
-        for keys, values in kv:
-            layer = DynamicLayer()
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
-            cache.layers.append(layer)
-
-    original = DecodeBatch._preallocate
-    DecodeBatch._preallocate = plain  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        DecodeBatch._preallocate = original  # type: ignore[method-assign]
-
-
-def timed_rate(
-    variant: str, qm: QuarkModel, prompts: list[list[int]], batch: int, steps: int
-) -> float:
-    with concatenating_cache() if variant == CONCAT else nullcontext():
-        return decode_rate(qm, prompts, batch, steps)
-
-
 def speed(
     models: dict[str, QuarkModel],
     prompts: list[list[int]],
@@ -151,15 +116,14 @@ def speed(
     args: argparse.Namespace,
 ) -> list[dict[str, float]]:
     """Median decode tokens/s per batch size and variant, the variants alternating per round."""
-    variants = {**models, CONCAT: models["bfloat16"]}
     table = []
     for batch in batches:
-        rates: dict[str, list[float]] = {name: [] for name in variants}
-        for name, qm in variants.items():  # warm-up: first calls allocate and pick kernels
-            timed_rate(name, qm, prompts, batch, 2)
+        rates: dict[str, list[float]] = {name: [] for name in models}
+        for qm in models.values():  # warm-up: first calls allocate and pick kernels
+            decode_rate(qm, prompts, batch, 2)
         for _ in range(args.repeats):
-            for name, qm in variants.items():
-                rates[name].append(timed_rate(name, qm, prompts, batch, args.new_tokens))
+            for name, qm in models.items():
+                rates[name].append(decode_rate(qm, prompts, batch, args.new_tokens))
         medians = {name: statistics.median(r) for name, r in rates.items()}
         row = {"batch": batch, **{f"{n} tokens/s": round(v, 2) for n, v in medians.items()}}
         row.update({f"{n} / float32": round(v / medians["float32"], 3) for n, v in medians.items()})

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from app import decoding
-from app.decoding import PreallocatedLayer, Row, RowSampling, decode, make_batch, sample_tokens
+from app.decoding import Row, RowSampling, decode, make_batch, sample_tokens
 from quark.models import QuarkModel
 from quark.sampling import SamplingParams, eos_ids, generate_ids
 
@@ -22,27 +21,6 @@ def test_greedy_matches_hf_generate(tiny_qm: QuarkModel) -> None:
     rows = decode(tiny_qm, [Row(tiny_qm.prefix_ids(0) + i, RowSampling(12, 0.0)) for i in ids])
     assert [r.tokens for r in rows] == [list(c.token_ids) for c in expected]
     assert all(r.finish_reason == "length" for r in rows)
-
-
-def test_preallocated_layer_equals_concatenation_past_its_reserve() -> None:
-    gen = torch.Generator().manual_seed(0)
-    keys, values = torch.randn(2, 3, 4, 5, generator=gen), torch.randn(2, 3, 4, 5, generator=gen)
-    layer = PreallocatedLayer(keys, values, reserve=2)
-    for _ in range(5):  # 5 > the reserve of 2: the buffer grows once
-        k, v = torch.randn(2, 3, 1, 5, generator=gen), torch.randn(2, 3, 1, 5, generator=gen)
-        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
-        got_k, got_v = layer.update(k, v)
-        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
-    assert layer.get_seq_length() == 9
-
-
-def test_a_small_reserve_changes_no_token(tiny_qm: QuarkModel, monkeypatch) -> None:
-    """Decoding past the reserved positions (regrowing buffers) gives the same tokens."""
-    ids = [_ids(tiny_qm, p) for p in PROMPTS]
-    rows = decode(tiny_qm, [Row(i, RowSampling(12, 1.0, seed=s)) for s, i in enumerate(ids)])
-    monkeypatch.setattr(decoding, "KV_RESERVE", 1)
-    again = decode(tiny_qm, [Row(i, RowSampling(12, 1.0, seed=s)) for s, i in enumerate(ids)])
-    assert [r.tokens for r in again] == [r.tokens for r in rows]
 
 
 def test_rows_joining_mid_flight_match_solo_runs(tiny_qm: QuarkModel) -> None:
