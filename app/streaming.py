@@ -49,9 +49,17 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             return task.result()
-        task.cancel()
         raise ClientDisconnected
     finally:
         watcher.cancel()
         if not task.done():
+            # Nobody awaits the cancelled work: mark its outcome seen, or asyncio logs an
+            # ERROR ("exception was never retrieved") for every client that disconnects
+            # from a request with several completions (a gather finishes with an exception).
+            task.add_done_callback(_outcome_seen)
             task.cancel()
+
+
+def _outcome_seen(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
