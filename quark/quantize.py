@@ -51,12 +51,15 @@ class Int8Linear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Flatten to rows first: a strided 3-D input (the last position of a prefill) would
+        # send F.linear to a batched matmul that copies the weight once per sequence.
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
         if rows.shape[0] > INT8_MAX_ROWS:
-            return nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias)
-        y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)  # [N, out]
-        if self.bias is not None:
-            y = y + self.bias
+            y = nn.functional.linear(rows, self.weight, self.bias)  # [N, out]
+        else:
+            y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)  # [N, out]
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

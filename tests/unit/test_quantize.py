@@ -60,6 +60,18 @@ def test_both_kernels_multiply_by_the_same_int8_weights() -> None:
     assert rel(together) < 0.006 < 0.012 < rel(unquantized)  # measured: 0.004 and 0.015
 
 
+@pytest.mark.parametrize("sequences", [2, quantize.INT8_MAX_ROWS + 3])
+def test_int8_linear_takes_a_strided_last_position(sequences: int) -> None:
+    """The head of a prefill sees hidden[:, -1:, :], a strided view: same rows, same output."""
+    torch.manual_seed(0)
+    quantized = Int8Linear(nn.Linear(32, 40, bias=False).to(torch.bfloat16))
+    hidden = torch.randn(sequences, 6, 32, dtype=torch.bfloat16)
+    last = hidden[:, -1:, :]
+    assert not last.is_contiguous()
+    torch.testing.assert_close(quantized(last), quantized(last.contiguous()))
+    assert quantized(last).shape == (sequences, 1, 40)
+
+
 def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(tiny_model_dir: Path) -> None:
     settings = ServiceSettings(device="cpu", dtype="bfloat16")
     plain = load_version(str(tiny_model_dir), settings)
