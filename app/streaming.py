@@ -17,10 +17,16 @@ class ClientDisconnected(Exception):
     """The client went away before its response was ready."""
 
 
+#: Characters json.dumps(ensure_ascii=False) leaves raw that line splitters such as
+#: str.splitlines (and httpx's aiter_lines) treat as line breaks: escaped, so a completion
+#: that contains one never splits its event. (CR and LF are always escaped by JSON.)
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event (``data: ...`` and a blank line)."""
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n".encode()
+    return f"data: {payload.translate(_LINE_BREAKS)}\n\n".encode()
 
 
 def sse_response(events: AsyncIterator[bytes]) -> StreamingResponse:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 from typing import Any
 
 import pytest
 
-from app.streaming import ClientDisconnected, unless_disconnected
+from app.streaming import ClientDisconnected, sse, unless_disconnected
 
 
 class _Disconnecting:
@@ -42,3 +43,12 @@ def test_a_disconnect_cancels_a_gather_without_an_unretrieved_error(
         asyncio.run(request())
         gc.collect()
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
+def test_an_event_is_one_line_whatever_the_text_contains() -> None:
+    text = "a\u2028b\u2029c\x85d\re\nf \u00e9"
+    event = sse({"type": "delta", "text": text}).decode()
+    assert event.endswith("\n\n")
+    [line] = event[:-2].splitlines()  # one line even for str.splitlines
+    assert json.loads(line.removeprefix("data: "))["text"] == text
+    assert "\u00e9" in line  # other text stays readable (not ASCII-escaped)
