@@ -32,7 +32,7 @@ FAST_JOBS = {
     "QUARK_GATE_REWARD_TOLERANCE": "0.05",
     "QUARK_GATE_MAX_PERPLEXITY_RISE": "1.0",
     # The toy model at lr 1e-2 drifts ~0.3-1 nats/token from the original in one job; the
-    # default cap (0.5) is sized for the real model at its default lr (docs/gate.md).
+    # default cap (2.0) is sized for the real model at its default lr (docs/gate.md).
     "QUARK_GATE_MAX_KL": "10",
     "QUARK_JOB_LOCK_TTL_S": "6",
     "QUARK_DEFAULT_MAX_NEW_TOKENS": "12",

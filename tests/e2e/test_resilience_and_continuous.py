@@ -17,6 +17,11 @@ from tests.e2e.conftest import FAST_JOBS
 
 CONTINUOUS = {
     **FAST_JOBS,
+    # This module tests the loop's mechanics (beat starts a job, the server follows), not
+    # the gate: with 8 held-out prompts x 2 samples the paired reward test refused a better
+    # candidate by chance in CI (+0.042, bound -0.086). The gate has its own tests.
+    "QUARK_GATE_REWARD_TOLERANCE": "10",
+    "QUARK_GATE_MAX_PERPLEXITY_RISE": "100",
     "QUARK_CONTINUOUS": "1",
     "QUARK_CONTINUOUS_MIN_NEW_RECORDS": "40",
     "QUARK_CONTINUOUS_INTERVAL_MIN": "60",
