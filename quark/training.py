@@ -233,7 +233,7 @@ class QuarkTrainer:
         return kl
 
     def _autocast(self) -> AbstractContextManager[Any]:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16)
+        return training_autocast(self._bf16)
 
     def _shared_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """float32 logits (the losses in float32 whatever the forward) over the vocabulary
@@ -327,6 +327,11 @@ class QuarkTrainer:
             lines = pool_file.read_text().splitlines()
             self.pool.add(PoolRecord.from_json(line) for line in lines if line.strip())
         self._epoch = []
+
+
+def training_autocast(enabled: bool) -> AbstractContextManager[Any]:
+    """The context a training forward runs in: CPU bf16 autocast when ``enabled``."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def bf16_autocast(precision: str, device: torch.device | str, native: bool | None = None) -> bool:

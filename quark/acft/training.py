@@ -30,7 +30,7 @@ from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import PoolRecord
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
-from quark.training import bf16_autocast, linear_warmup_decay
+from quark.training import bf16_autocast, linear_warmup_decay, training_autocast
 
 HEAD_DIR = "aux_head"
 
@@ -285,7 +285,7 @@ class ACFTTrainer(_Checkpointed):
         target, _ = self.target(batch, examples)
         self.qm.model.train()
         width = batch.labels.shape[1]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self._bf16):
+        with training_autocast(self._bf16):
             policy = completion_logits(self.qm.model, batch.input_ids, batch.attention_mask, width)
         loss, stats = acft_loss(
             _restrict(self.qm, policy).float(),
