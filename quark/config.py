@@ -93,7 +93,8 @@ def train_precision_param() -> Any:
     """The ``train_precision`` field, declared once for QuarkConfig and ACFTConfig."""
     return param(
         "auto",
-        "Precision of the training forwards and backwards on CPU: 'bfloat16' (autocast; the "
+        "Precision of the training forwards and backwards on CPU, and of Quark's exploration "
+        "and an unlearn job's evaluations: 'bfloat16' (autocast; the "
         "weights, AdamW and the losses stay float32), 'float32', or 'auto' = bfloat16 where "
         "the CPU computes it natively (avx512_bf16, amx_bf16, Arm bf16), else float32. On this "
         "project's CPUs bf16 makes a step 2-3x cheaper, and 30 minutes of it unlearn more than "

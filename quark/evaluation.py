@@ -367,7 +367,7 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def mean_kl(
+def reference_scores(
     qm: QuarkModel,
     original: torch.nn.Module,
     prompts: Sequence[str],
@@ -375,10 +375,12 @@ def mean_kl(
     quantile: int | None,
     batch_size: int = 32,
     max_prompt_tokens: int = 64,
-) -> float:
-    """Per-token KL(qm(. | reward token + prompt) || original(. | prompt)) on completions;
-    ``quantile`` None: no reward token (the version's default output)."""
-    total, tokens = 0.0, 0
+) -> tuple[float, float]:
+    """(perplexity of the completions under the original model, per-token KL(qm(. | reward
+    token + prompt) || original(. | prompt)) on them), from one forward of each model per
+    batch: the original's log-probs serve both. ``quantile`` None: no reward token (the
+    version's default output)."""
+    nll, kl, tokens = 0.0, 0.0, 0.0
     reward_ids = qm.reward_tokens.ids if qm.reward_tokens else ()
     prefix = qm.prefix_ids(quantile)
     for start in range(0, len(prompts), batch_size):
@@ -391,20 +393,19 @@ def mean_kl(
             qm, [[]] * len(chunk), chunk, texts, max_prompt_tokens, None
         )
         width = labels.shape[1]
-        policy = completion_logits(qm.model, policy_ids, policy_mask, width)
-        ref = completion_logits(original, ref_ids, ref_mask, width)
         vocab = qm.base_vocab_size
-        _, stats = quark_loss(
-            restrict_vocab(policy, vocab, reward_ids),
-            restrict_vocab(ref, vocab, reward_ids),
-            labels,
-            label_mask,
-            0.0,
-            0.0,
-        )
-        total += stats.kl * stats.tokens
+        # float32 logits whatever the forward's precision (an autocast caller): [B, T, V]
+        policy = completion_logits(qm.model, policy_ids, policy_mask, width).float()
+        ref = completion_logits(original, ref_ids, ref_mask, width).float()
+        policy, ref = (restrict_vocab(x, vocab, reward_ids) for x in (policy, ref))
+        _, stats = quark_loss(policy, ref, labels, label_mask, 0.0, 0.0)
+        token_lp = torch.log_softmax(ref, dim=-1).gather(-1, labels.unsqueeze(-1))
+        nll -= float((token_lp.squeeze(-1) * label_mask).sum())  # [B, T] -> summed NLL
+        kl += stats.kl * stats.tokens
         tokens += stats.tokens
-    return total / tokens if tokens else 0.0
+    if not tokens:
+        return 1.0, 0.0  # no completion tokens: exp(0), nothing to compare
+    return math.exp(nll / tokens), kl / tokens
 
 
 def evaluate_version(
@@ -439,10 +440,13 @@ def evaluate_version(
     texts = [t for group in grouped for t in group]  # aligned with ``repeated``
     rewards = reward_fn(repeated, texts)
     per_prompt = [rewards[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+    ppl, kl = reference_scores(
+        qm, original.model, repeated, texts, quantile, batch_size, max_prompt_tokens
+    )
     result = EvalResult(
         reward=sum(rewards) / len(rewards),
-        perplexity=perplexity(original, repeated, texts, batch_size, max_prompt_tokens),
-        kl=mean_kl(qm, original.model, repeated, texts, quantile, batch_size, max_prompt_tokens),
+        perplexity=ppl,
+        kl=kl,
         prompts=len(prompts),
         samples=samples,
         prompt_rewards=tuple(sum(r) / len(r) for r in per_prompt),

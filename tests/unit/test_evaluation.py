@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from quark.evaluation import (
     diversity_metrics,
     evaluate,
     perplexity,
+    reference_scores,
     sample_many,
     toxicity_metrics,
 )
@@ -48,6 +50,27 @@ def test_perplexity_of_own_greedy_completions(tiny_qm: QuarkModel) -> None:
     other = perplexity(tiny_qm, PROMPTS, [" zebra quantum marmalade"] * 2)
     assert greedy < other
     assert perplexity(tiny_qm, PROMPTS, texts, batch_size=2) == pytest.approx(greedy, rel=1e-4)
+
+
+def test_reference_scores_share_one_forward_of_the_original(tiny_qm: QuarkModel) -> None:
+    """The perplexity equals perplexity() under the original; the KL is zero against itself
+    and positive against a changed policy, whose change leaves the perplexity alone."""
+    texts = [c.text for c in generate(tiny_qm, PROMPTS, None, SamplingParams(8, greedy=True))]
+    original = copy.deepcopy(tiny_qm.model)
+    ppl, kl = reference_scores(tiny_qm, original, PROMPTS, texts, None, batch_size=1)
+    # rel 1e-3: this original is the policy's copy, and reference_scores leaves its reward
+    # tokens out of the softmax (a real original has none).
+    assert ppl == pytest.approx(perplexity(tiny_qm, PROMPTS, texts), rel=1e-3)
+    assert kl == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        tiny_qm.model.get_output_embeddings().weight.mul_(1.5)
+    changed_ppl, changed_kl = reference_scores(tiny_qm, original, PROMPTS, texts, None)
+    assert changed_ppl == pytest.approx(ppl, rel=1e-4)
+    assert changed_kl > 1e-3
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as an unlearn job evaluates on bf16
+        bf16_ppl, bf16_kl = reference_scores(tiny_qm, original, PROMPTS, texts, None)
+    assert bf16_ppl == pytest.approx(ppl, rel=0.05)
+    assert bf16_kl == pytest.approx(changed_kl, rel=0.1, abs=1e-3)
 
 
 def test_perplexity_of_empty_completions_after_a_one_token_prompt(tiny_qm: QuarkModel) -> None:
