@@ -30,7 +30,7 @@ from app.decoding import DecodeBatch, Row, RowSampling, detokenize, make_batch
 from app.metrics import Metrics
 from quark.models import QuarkModel, load_model, resolve_device, resolve_source
 from quark.precision import cpu_has_native_bf16, dtype_name, resolve_dtype
-from quark.quantize import Int8Linear, quantize_int8
+from quark.quantize import quantization_label, quantize_linears
 from quark.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,12 @@ def check_serving_dtype(settings: ServiceSettings) -> torch.dtype:
     first load) and say in the log what was chosen and when it will be slow."""
     dtype = serving_dtype(settings)
     device = resolve_device(settings.device)
-    if settings.quantization == "int8" and (device.type != "cpu" or dtype != torch.bfloat16):
+    quantized = settings.quantization != "none"
+    if quantized and (device.type != "cpu" or dtype != torch.bfloat16):
         raise ValueError(
-            f"QUARK_QUANTIZATION=int8 serves bfloat16 activations on CPU, but QUARK_DTYPE="
-            f"{settings.dtype} resolves to {dtype_name(dtype)} on {device}: set QUARK_DTYPE="
-            "bfloat16 and QUARK_DEVICE=cpu, or QUARK_QUANTIZATION=none"
+            f"QUARK_QUANTIZATION={settings.quantization} serves bfloat16 activations on CPU, "
+            f"but QUARK_DTYPE={settings.dtype} resolves to {dtype_name(dtype)} on {device}: "
+            "set QUARK_DTYPE=bfloat16 and QUARK_DEVICE=cpu, or QUARK_QUANTIZATION=none"
         )
     log.info("serving in %s (QUARK_DTYPE=%s, device %s)", dtype_name(dtype), settings.dtype, device)
     emulated = dtype == torch.float16 or not cpu_has_native_bf16()
@@ -114,16 +115,17 @@ def load_version(source: str, settings: ServiceSettings) -> LoadedModel:
 
 def prepare_for_serving(qm: QuarkModel, settings: ServiceSettings) -> QuarkModel:
     """What every served version gets after loading: QUARK_QUANTIZATION's weights."""
-    if settings.quantization == "int8":
-        quantize_int8(qm.model)
+    if settings.quantization != "none":
+        quantize_linears(qm.model, settings.quantization)
     return qm
 
 
 def wrap_model(qm: QuarkModel, version: str) -> LoadedModel:
     context = int(getattr(qm.model.config, "max_position_embeddings", 0) or 2048)
     dtype = dtype_name(next(qm.model.parameters()).dtype)
-    if any(isinstance(m, Int8Linear) for m in qm.model.modules()):
-        dtype = f"int8 weights, {dtype}"
+    label = quantization_label(qm.model)
+    if label is not None:
+        dtype = f"{label} weights, {dtype}"
     return LoadedModel(qm, version, context, dtype)
 
 

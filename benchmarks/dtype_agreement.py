@@ -1,8 +1,9 @@
-"""Serving in bfloat16 or int8 instead of float32: how much do outputs change, how much faster?
+"""Serving in bfloat16, int8 or int4 instead of float32: how much do outputs change, how much
+faster?
 
 On the real default model (SmolLM2-135M-Instruct, converted from its GGUF), loaded in
-float32, in bfloat16, and in bfloat16 with int8 weights (``QUARK_QUANTIZATION=int8``) from
-the same weights, over RealToxicityPrompts dev prompts, each compared with float32:
+float32, in bfloat16, and in bfloat16 with int8 or int4 weights (``QUARK_QUANTIZATION``)
+from the same weights, over RealToxicityPrompts dev prompts, each compared with float32:
 
 * greedy agreement: each prompt decoded greedily for ``--new-tokens`` tokens by the
   server's decoder (app.decoding) in both precisions; the share of prompts whose tokens
@@ -35,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 from app.decoding import Row, RowSampling, decode, make_batch  # noqa: E402
 from benchmarks.engine_choice import load_prompts  # noqa: E402
 from quark.models import QuarkModel, load_model  # noqa: E402
-from quark.quantize import quantize_int8  # noqa: E402
+from quark.quantize import quantize_linears  # noqa: E402
+
+QUANTIZED = ("int8", "int4")
 
 
 def prompt_ids(qm: QuarkModel, prompts: list[str]) -> list[list[int]]:
@@ -167,13 +170,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    int8 = load_model(args.model, device="cpu", dtype=torch.bfloat16)
-    quantize_int8(int8.model)
     models = {
         "float32": load_model(args.model, device="cpu", dtype=torch.float32),
         "bfloat16": load_model(args.model, device="cpu", dtype=torch.bfloat16),
-        "int8": int8,
     }
+    for method in QUANTIZED:
+        models[method] = load_model(args.model, device="cpu", dtype=torch.bfloat16)
+        quantize_linears(models[method].model, method)
     prompts = prompt_ids(models["float32"], load_prompts(args.prompts))
     outputs = {n: [greedy(qm, p, args.new_tokens) for p in prompts] for n, qm in models.items()}
     agreement = {
@@ -183,7 +186,7 @@ def main() -> None:
                 models["float32"], models[name], prompts, outputs["float32"]
             ),
         }
-        for name in ("bfloat16", "int8")
+        for name in ("bfloat16", *QUANTIZED)
     }
     print(json.dumps(agreement), flush=True)
     rows = speed(models, prompts, args.batch, args)

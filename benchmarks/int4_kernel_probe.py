@@ -1,12 +1,14 @@
-"""Probe (issue 11): one-row matmul time of PyTorch's CPU kernels for bf16, int8 and int4
-(group-32 asymmetric) weights, on 30 copies of a layer's matrices so the weights come from
-memory, not cache, as in a decode step. Not wired into serving yet; see docs/results.md.
+"""Probe (issue 11): matmul time of PyTorch's CPU kernels for bf16, int8 and int4 (group-32
+asymmetric) weights at 1-16 rows, on 30 copies of a layer's matrices so the weights come
+from memory, not cache, as in a decode step. It sets ``quark.quantize``'s ``INT8_MAX_ROWS``
+and ``INT4_MAX_ROWS`` (the rows up to which a packed kernel beats bf16); see docs/results.md.
 
-Usage: ``OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/int4_kernel_probe.py``
+Usage: ``OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/int4_kernel_probe.py [--rows 1 4]``
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 
@@ -46,15 +48,19 @@ def milliseconds(calls: list[Callable[[torch.Tensor], torch.Tensor]], x: torch.T
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    args = parser.parse_args()
     torch.set_num_threads(1)
     for out, inp, copies in [(1536, 576, 30), (576, 1536, 30), (49152, 576, 1)]:
         mats = [formats(out, inp) for _ in range(copies)]
-        x = torch.randn(1, inp).bfloat16()
-        times = {
-            name: milliseconds([m[name] for m in mats], x) for name in ("bf16", "int8", "int4")
-        }
-        cells = ", ".join(f"{name} {ms:.2f}" for name, ms in times.items())
-        print(f"{copies} x [{out} x {inp}], one row, ms: {cells}", flush=True)
+        for rows in args.rows:
+            x = torch.randn(rows, inp).bfloat16()
+            times = {
+                name: milliseconds([m[name] for m in mats], x) for name in ("bf16", "int8", "int4")
+            }
+            cells = ", ".join(f"{name} {ms:.2f}" for name, ms in times.items())
+            print(f"{copies} x [{out} x {inp}], {rows} rows, ms: {cells}", flush=True)
 
 
 if __name__ == "__main__":

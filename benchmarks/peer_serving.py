@@ -13,11 +13,11 @@ llama-cpp-python is not a project dependency: give a Python that has it with
 ``--peer-python`` (e.g. a venv: ``python3 -m venv /tmp/peer-venv &&
 /tmp/peer-venv/bin/pip install 'llama-cpp-python[server]'``).
 
-One of our servers runs per ``--quantization`` value (default: ``none`` and ``int8``), all
+One of our servers runs per ``--quantization`` value (default: ``none``, ``int8``, ``int4``), all
 measured in the same rounds, so the table compares each with llama.cpp and with each other.
 
 Usage: ``python benchmarks/peer_serving.py --peer-python /tmp/peer-venv/bin/python
-[--seconds 40] [--levels 1 4 16 32] [--dtype auto] [--quantization none int8]
+[--seconds 40] [--levels 1 4 16 32] [--dtype auto] [--quantization none int8 int4]
 [--json out.json]``.
 """
 
@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="compute threads of each server")
     parser.add_argument("--dtype", default="auto", help="QUARK_DTYPE of our servers")
-    parser.add_argument("--quantization", nargs="+", default=["none", "int8"],
+    parser.add_argument("--quantization", nargs="+", default=["none", "int8", "int4"],
                         help="one of our servers per QUARK_QUANTIZATION value")  # fmt: skip
     parser.add_argument("--prompts", type=int, default=200, help="RTP dev prompts to cycle")
     parser.add_argument("--json", type=Path, help="also write the results here")

@@ -20,7 +20,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 #: The values of QUARK_DTYPE.
 DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
 #: The values of QUARK_QUANTIZATION (serving weights; ``quark.quantize``).
-QUANTIZATION_CHOICES = ("none", "int8")
+QUANTIZATION_CHOICES = ("none", "int8", "int4")
 #: /proc/cpuinfo flags of CPUs whose vector units compute in bf16 natively.
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 CPUINFO = Path("/proc/cpuinfo")

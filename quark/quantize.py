@@ -1,26 +1,40 @@
-"""Weight-only int8 quantization of a model's linear layers, for CPU serving.
+"""Weight-only quantization of a model's linear layers for CPU serving: int8 or int4.
 
-Each ``nn.Linear`` weight [out, in] becomes int8 with one bfloat16 scale per output row
-(symmetric, absmax / 127); activations stay bfloat16. The matmul is PyTorch's own
-``torch._weight_int8pack_mm`` CPU kernel (what torchao's int8 weight-only layout calls on
-CPU). It reads a quarter of float32's bytes and half of bfloat16's per decoded token,
-which is what a one-stream decode step is bound by. With more rows than ``INT8_MAX_ROWS``
-that kernel is slower than bfloat16's GEMM, so those calls multiply by the dequantized
-weights (int8 x scale, kept in bfloat16 beside the int8 ones): the same model either way,
-at 1.5x bfloat16's memory (measured: docs/results.md, "Serving speed").
+- **int8**: each ``nn.Linear`` weight [out, in] becomes int8 with one bfloat16 scale per
+  output row (symmetric, absmax / 127), multiplied by PyTorch's own ``torch._weight_int8pack_mm``
+  CPU kernel (what torchao's int8 weight-only layout calls on CPU).
+- **int4**: groups of 32 consecutive weights along the input dimension become 4-bit codes
+  with a bfloat16 scale and minimum per group (asymmetric, ``w = q * scale + min``, q in
+  0..15: GGUF's Q4_1 layout, so a model converted from a Q4_1 GGUF, like the default one,
+  re-quantizes onto its own grid), multiplied by ``torch._weight_int4pack_mm_for_cpu``.
+
+Activations stay bfloat16. A one-stream decode step is bound by the bytes of weights it
+reads: int8 reads half of bfloat16's, int4 a quarter. With more rows than the format's
+``max_rows`` the packed kernels are slower than bfloat16's GEMM, so those calls (prefills,
+large batches) multiply by the same weights dequantized to bfloat16 and kept beside the
+packed ones: the same model either way, at 1.5x (int8) or 1.25x (int4) bfloat16's memory
+(measured: docs/results.md, "Serving speed").
 
 The output head is quantized too (for SmolLM2 it is a fifth of the weights); a head tied
-to the input embeddings gets its own int8 copy, and the embeddings stay bfloat16 (a lookup
-reads one row per token). Training never sees these modules: only serving loads them.
+to the input embeddings gets its own copy, and the embeddings stay bfloat16 (a lookup reads
+one row per token). Training never sees these modules: only serving loads them.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 #: Rows (tokens in one forward) up to which the int8 kernel beats bfloat16's GEMM here.
 INT8_MAX_ROWS = 4
+#: Rows up to which the int4 kernel beats bfloat16's GEMM here.
+INT4_MAX_ROWS = 4
+#: Weights per int4 group (GGUF Q4_1's block).
+INT4_GROUP = 32
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,54 +45,133 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights [out, in] and bfloat16 row scales; see the module doc."""
+def quantize_groups(
+    weight: torch.Tensor, group: int = INT4_GROUP
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 of ``weight`` [out, in] in groups of ``group`` along ``in``:
+    (codes 0..15 as int32 [out, in], scale [out, in / group], minimum [out, in / group]),
+    both bfloat16-rounded (the kernel's precision): ``w ~ codes * scale + minimum``."""
+    out, inp = weight.shape
+    groups = weight.detach().float().reshape(out, inp // group, group)  # [out, G, group]
+    low = groups.amin(dim=-1).bfloat16().float()  # [out, G]
+    scale = ((groups.amax(dim=-1) - low) / 15).clamp(min=1e-8).bfloat16().float()  # [out, G]
+    codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+    return codes.to(torch.int32).reshape(out, inp), scale, low
 
-    def __init__(self, linear: nn.Linear) -> None:
+
+class QuantizedLinear(nn.Module):
+    """``nn.Linear`` with packed low-bit weights for calls of up to ``max_rows`` rows and the
+    same weights dequantized to bfloat16 for larger ones; see the module doc."""
+
+    max_rows: int
+    label: str
+
+    def __init__(self, linear: nn.Linear, dequantized: torch.Tensor) -> None:
         super().__init__()
-        q, scale = quantize_rows(linear.weight)
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_int8 = nn.Parameter(q, requires_grad=False)
-        self.scale = nn.Parameter(scale.to(torch.bfloat16), requires_grad=False)
-        # For many-row calls (prefill, large batches; see INT8_MAX_ROWS): the same int8 weights
-        # dequantized, so the model is the int8 one whichever kernel runs.
-        dequantized = (q.float() * scale[:, None]).to(torch.bfloat16)
-        self.weight = nn.Parameter(dequantized, requires_grad=False)
+        self.weight = nn.Parameter(dequantized.to(torch.bfloat16), requires_grad=False)
         self.bias = (
             None
             if linear.bias is None
             else nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
         )
 
+    def packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows [N, in] bfloat16 -> [N, out] with the packed weights."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Flatten to rows first: a strided 3-D input (the last position of a prefill) would
         # send F.linear to a batched matmul that copies the weight once per sequence.
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
-        if rows.shape[0] > INT8_MAX_ROWS:
+        if rows.shape[0] > self.max_rows:
             y = nn.functional.linear(rows, self.weight, self.bias)  # [N, out]
         else:
-            y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)  # [N, out]
+            y = self.packed_mm(rows)  # [N, out]
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.label}"
 
 
-def quantize_int8(model: nn.Module) -> int:
-    """Replace every ``nn.Linear`` of a bfloat16 CPU ``model`` by an ``Int8Linear``, in place
-    (a head tied to the embeddings gets its own copy); returns how many were replaced."""
+class Int8Linear(QuantizedLinear):
+    """int8 weights [out, in] with bfloat16 row scales."""
+
+    max_rows, label = INT8_MAX_ROWS, "int8"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        q, scale = quantize_rows(linear.weight)
+        super().__init__(linear, q.float() * scale[:, None])
+        self.weight_int8 = nn.Parameter(q, requires_grad=False)
+        self.scale = nn.Parameter(scale.to(torch.bfloat16), requires_grad=False)
+
+    def packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+
+
+class Int4Linear(QuantizedLinear):
+    """4-bit codes in groups of ``INT4_GROUP`` with a bfloat16 scale and minimum per group."""
+
+    max_rows, label = INT4_MAX_ROWS, "int4"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        codes, scale, low = quantize_groups(linear.weight)
+        out, inp = codes.shape
+        per_group = codes.reshape(out, inp // INT4_GROUP, INT4_GROUP).float()
+        super().__init__(linear, (per_group * scale[..., None] + low[..., None]).reshape(out, inp))
+        # The kernel takes outputs in multiples of 16: zero rows pad the rest (a head whose
+        # vocabulary grew by the reward tokens), cut off again after the matmul.
+        pad = -out % 16
+        codes, scale, low = (nn.functional.pad(t, (0, 0, 0, pad)) for t in (codes, scale, low))
+        packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)  # [out + pad, in / 2] uint8
+        self.weight_int4 = nn.Parameter(packed, requires_grad=False)
+        # The kernel reads w = (q - 8) * scale + zero per group: zero = min + 8 * scale.
+        zero = low + 8 * scale
+        scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1)  # [groups, out + pad, 2]
+        self.scales_zeros = nn.Parameter(scales_zeros.to(torch.bfloat16), requires_grad=False)
+
+    @staticmethod
+    def fits(linear: nn.Linear) -> bool:
+        """The kernel's shapes: an input width that is a multiple of the group."""
+        return linear.in_features % INT4_GROUP == 0
+
+    def packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(rows.contiguous(), self.weight_int4, INT4_GROUP,
+                                              self.scales_zeros)  # fmt: skip
+        return y[:, : self.out_features]  # [N, out]
+
+
+def quantize_linears(model: nn.Module, method: str) -> None:
+    """Replace every ``nn.Linear`` of a bfloat16 CPU ``model`` by an ``Int8Linear`` or an
+    ``Int4Linear`` (``method``), in place; a head tied to the embeddings gets its own copy.
+    int4 leaves a layer whose shape its kernel cannot take (``Int4Linear.fits``) in bfloat16."""
     weight = next(model.parameters())
     if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
         raise ValueError(
-            f"int8 serving quantization needs a bfloat16 model on CPU, not {weight.dtype} on "
-            f"{weight.device}: load it with QUARK_DTYPE=bfloat16, or use QUARK_QUANTIZATION=none"
+            f"{method} serving quantization needs a bfloat16 model on CPU, not {weight.dtype} "
+            f"on {weight.device}: load it with QUARK_DTYPE=bfloat16, or use "
+            "QUARK_QUANTIZATION=none"
         )
-    replaced = 0
-    for module in list(model.modules()):
+    layer = {"int8": Int8Linear, "int4": Int4Linear}[method]
+    kept: list[str] = []
+    for module_name, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child))
-                replaced += 1
-    return replaced
+            if not isinstance(child, nn.Linear):
+                continue
+            if layer is Int4Linear and not Int4Linear.fits(child):
+                kept.append(f"{module_name}.{name}")
+                continue
+            setattr(module, name, layer(child))
+    if kept:
+        log.warning("int4: %d linear layers kept in bfloat16 (input width not a multiple of "
+                    "%d): %s", len(kept), INT4_GROUP, ", ".join(kept[:5]))  # fmt: skip
+
+
+def quantization_label(model: nn.Module) -> str | None:
+    """'int8' or 'int4' for a model with quantized linears, else None."""
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            return module.label
+    return None

@@ -1,4 +1,5 @@
-"""quark.quantize: weight-only int8 serving linears, and QUARK_QUANTIZATION's checks."""
+"""quark.quantize: weight-only int8 and int4 serving linears, and QUARK_QUANTIZATION's
+checks."""
 
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from torch import nn
 
 from app.decoding import Row, RowSampling, decode
 from app.engine import check_serving_dtype, load_version
-from quark import quantize
-from quark.quantize import Int8Linear, quantize_int8, quantize_rows
+from quark.quantize import (
+    Int4Linear,
+    Int8Linear,
+    QuantizedLinear,
+    quantize_groups,
+    quantize_linears,
+    quantize_rows,
+)
 from quark.service.settings import ServiceSettings
 
 
@@ -25,30 +32,65 @@ def test_rows_round_to_within_half_a_step_and_keep_the_row_maximum() -> None:
     assert torch.equal(q[1], torch.zeros(3, dtype=torch.int8))  # an all-zero row stays zero
 
 
-@pytest.mark.parametrize("rows", [1, quantize.INT8_MAX_ROWS + 3])
-def test_int8_linear_matches_the_bf16_linear(rows: int) -> None:
-    """Both paths (the int8 kernel for few rows, the bf16 weight for many) agree with the
-    linear layer to int8's rounding."""
+def test_groups_round_to_within_half_a_step_and_keep_each_groups_range() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(3, 64)
+    weight[1, :32] = 0.5  # a constant group: every code 0, the minimum is the value
+    codes, scale, low = quantize_groups(weight, group=32)
+    assert codes.shape == (3, 64) and scale.shape == low.shape == (3, 2)
+    assert int(codes.min()) == 0 and int(codes.max()) == 15
+    grouped = codes.reshape(3, 2, 32).float()
+    back = grouped * scale[..., None] + low[..., None]  # [3, 2, 32]
+    error = (back - weight.reshape(3, 2, 32)).abs()
+    # half a step, plus what rounding the scale and minimum to bfloat16 moves the grid by
+    assert torch.all(error <= scale[..., None] * 0.55 + low.abs()[..., None] / 128)
+    assert torch.equal(codes[1, :32], torch.zeros(32, dtype=torch.int32))
+
+
+def test_a_grid_of_q4_1_values_requantizes_exactly() -> None:
+    """A weight already on a group's 16-level grid (a model converted from a Q4_1 GGUF) comes
+    back unchanged, with bfloat16-exact scale and minimum."""
+    codes = torch.arange(64).remainder(16).reshape(2, 32)  # every code in each group
+    weight = codes.float() * 0.125 - 1.0
+    got, scale, low = quantize_groups(weight, group=32)
+    assert torch.equal(got, codes.to(torch.int32))
+    assert torch.equal(scale, torch.full((2, 1), 0.125)) and torch.equal(
+        low, torch.full((2, 1), -1.0)
+    )
+
+
+LAYERS = [Int8Linear, Int4Linear]
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("extra_rows", [0, 3])
+def test_quantized_linear_matches_the_bf16_linear(
+    layer: type[QuantizedLinear], extra_rows: int
+) -> None:
+    """Both paths (the packed kernel for few rows, the bf16 weight for many) agree with the
+    linear layer to the format's rounding."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    rows = 1 if not extra_rows else layer.max_rows + extra_rows
     x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
-    quantized = Int8Linear(linear)
+    quantized = layer(linear)
     got, expected = quantized(x), linear(x)
     assert got.shape == expected.shape == (2, rows, 48)
     assert got.dtype == torch.bfloat16
     rel = (got.float() - expected.float()).norm() / expected.float().norm()
-    assert rel < 0.02
+    assert rel < {"int8": 0.02, "int4": 0.15}[layer.label]
 
 
-def test_both_kernels_multiply_by_the_same_int8_weights() -> None:
-    """No jump at INT8_MAX_ROWS: many rows at once give what the rows give one by one
-    (bf16 rounding apart), not what the unquantized weights give."""
+@pytest.mark.parametrize("layer", LAYERS)
+def test_both_kernels_multiply_by_the_same_quantized_weights(layer: type[QuantizedLinear]) -> None:
+    """No jump at max_rows: many rows at once give what the rows give one by one (bf16
+    rounding apart), not what the unquantized weights give."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
     with torch.no_grad():
-        linear.weight[:, 0] = 3.0  # an outlier per row: coarse int8 steps for the rest
-    quantized = Int8Linear(linear)
-    x = torch.randn(2, quantize.INT8_MAX_ROWS + 3, 64, dtype=torch.bfloat16)
+        linear.weight[:, 0] = 3.0  # an outlier per row (and group): coarse steps for the rest
+    quantized = layer(linear)
+    x = torch.randn(2, layer.max_rows + 3, 64, dtype=torch.bfloat16)
     together = quantized(x).float()
     one_by_one = torch.cat([quantized(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1).float()
     with torch.no_grad():
@@ -57,30 +99,56 @@ def test_both_kernels_multiply_by_the_same_int8_weights() -> None:
     def rel(a: torch.Tensor) -> float:
         return float((a - one_by_one).norm() / one_by_one.norm())
 
-    assert rel(together) < 0.006 < 0.012 < rel(unquantized)  # measured: 0.004 and 0.015
+    assert rel(together) < 0.006 < 0.012 < rel(unquantized)  # int8 measured: 0.004 and 0.015
 
 
-@pytest.mark.parametrize("sequences", [2, quantize.INT8_MAX_ROWS + 3])
-def test_int8_linear_takes_a_strided_last_position(sequences: int) -> None:
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("sequences", [2, 7])
+def test_quantized_linear_takes_a_strided_last_position(
+    layer: type[QuantizedLinear], sequences: int
+) -> None:
     """The head of a prefill sees hidden[:, -1:, :], a strided view: same rows, same output."""
     torch.manual_seed(0)
-    quantized = Int8Linear(nn.Linear(32, 40, bias=False).to(torch.bfloat16))
+    quantized = layer(nn.Linear(32, 48, bias=False).to(torch.bfloat16))
     hidden = torch.randn(sequences, 6, 32, dtype=torch.bfloat16)
     last = hidden[:, -1:, :]
     assert not last.is_contiguous()
     torch.testing.assert_close(quantized(last), quantized(last.contiguous()))
-    assert quantized(last).shape == (sequences, 1, 40)
+    assert quantized(last).shape == (sequences, 1, 48)
 
 
-def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(tiny_model_dir: Path) -> None:
+def test_int4_keeps_the_layers_its_kernel_cannot_take() -> None:
+    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 32))
+    quantize_linears(model.to(torch.bfloat16), "int4")
+    assert isinstance(model[0], Int4Linear)
+    assert type(model[1]) is nn.Linear  # 48 inputs: not a multiple of the group of 32
+
+
+def test_int4_pads_an_output_width_its_kernel_cannot_take() -> None:
+    """A head whose vocabulary grew by 5 reward tokens: 21 outputs, padded to 32 inside."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 21, bias=False).to(torch.bfloat16)
+    quantized = Int4Linear(linear)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    got = quantized(x)
+    assert got.shape == (1, 21)
+    expected = x.float() @ quantized.weight.float().t()  # the dequantized weights
+    torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(
+    tiny_model_dir: Path, method: str
+) -> None:
     settings = ServiceSettings(device="cpu", dtype="bfloat16")
     plain = load_version(str(tiny_model_dir), settings)
     quantized = load_version(
-        str(tiny_model_dir), settings.model_copy(update={"quantization": "int8"})
+        str(tiny_model_dir), settings.model_copy(update={"quantization": method})
     )
-    linears = [m for m in quantized.qm.model.modules() if isinstance(m, Int8Linear)]
+    layer = {"int8": Int8Linear, "int4": Int4Linear}[method]
+    linears = [m for m in quantized.qm.model.modules() if isinstance(m, layer)]
     assert linears and not any(type(m) is nn.Linear for m in quantized.qm.model.modules())
-    assert quantized.dtype == "int8 weights, bfloat16" and plain.dtype == "bfloat16"
+    assert quantized.dtype == f"{method} weights, bfloat16" and plain.dtype == "bfloat16"
     embeddings = quantized.qm.model.get_input_embeddings().weight
     assert embeddings.dtype == torch.bfloat16
     prompt = list(plain.qm.tokenizer("The cat sat on", add_special_tokens=False)["input_ids"])
@@ -93,15 +161,16 @@ def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(tiny_model_dir: 
     assert sum(a == b for a, b in zip(*tokens, strict=True)) >= 4
 
 
-def test_int8_needs_a_bfloat16_cpu_model() -> None:
-    with pytest.raises(ValueError, match="bfloat16 model on CPU"):
-        quantize_int8(nn.Sequential(nn.Linear(4, 4)))
-    settings = ServiceSettings(device="cpu", dtype="float32", quantization="int8")
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantization_needs_a_bfloat16_cpu_model(method: str) -> None:
+    with pytest.raises(ValueError, match=f"{method} serving quantization needs a bfloat16"):
+        quantize_linears(nn.Sequential(nn.Linear(32, 4)), method)
+    settings = ServiceSettings(device="cpu", dtype="float32", quantization=method)
     with pytest.raises(ValueError, match="QUARK_DTYPE=bfloat16"):
         check_serving_dtype(settings)
 
 
 def test_an_unknown_quantization_is_a_settings_error() -> None:
-    with pytest.raises(ValidationError, match="use one of none, int8"):
-        ServiceSettings(quantization="int4")
+    with pytest.raises(ValidationError, match="use one of none, int8, int4"):
+        ServiceSettings(quantization="int2")
     assert ServiceSettings(quantization=" INT8 ").quantization == "int8"
