@@ -15,9 +15,11 @@ large batches) multiply by the same weights dequantized to bfloat16 and kept bes
 packed ones: the same model either way, at 1.5x (int8) or 1.25x (int4) bfloat16's memory
 (measured: docs/results.md, "Serving speed").
 
-The output head is quantized too (for SmolLM2 it is a fifth of the weights); a head tied
-to the input embeddings gets its own copy, and the embeddings stay bfloat16 (a lookup reads
-one row per token). Training never sees these modules: only serving loads them.
+The output head is quantized too (for SmolLM2 it is a fifth of the weights), to int8 under
+either setting: the GGUF files llama.cpp serves keep it at 8 bits too (the default model's
+Q4_1 file stores it as Q8_0). A head tied to the input embeddings gets its own copy, and the
+embeddings stay bfloat16 (a lookup reads one row per token). Training never sees these
+modules: only serving loads them.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-#: Rows (tokens in one forward) up to which the int8 kernel beats bfloat16's GEMM here.
+#: Rows (tokens in one forward) up to which the int8 kernel beats bfloat16's GEMM here
+#: (benchmarks/int4_kernel_probe.py: even at 8 rows).
 INT8_MAX_ROWS = 4
-#: Rows up to which the int4 kernel beats bfloat16's GEMM here.
-INT4_MAX_ROWS = 4
+#: Rows up to which the int4 kernel beats bfloat16's GEMM here (1.2-1.6x at 8, even at 16).
+INT4_MAX_ROWS = 8
 #: Weights per int4 group (GGUF Q4_1's block).
 INT4_GROUP = 32
 
@@ -155,23 +158,26 @@ def quantize_linears(model: nn.Module, method: str) -> None:
             "QUARK_QUANTIZATION=none"
         )
     layer = {"int8": Int8Linear, "int4": Int4Linear}[method]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     kept: list[str] = []
     for module_name, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
-            if layer is Int4Linear and not Int4Linear.fits(child):
+            if layer is Int4Linear and child is head:
+                # int8 for the head, as llama.cpp's Q4 files keep it at 8 bits: an int4 head
+                # moved next-token distributions 10x further from float32 (docs/results.md).
+                setattr(module, name, Int8Linear(child))
+            elif layer is Int4Linear and not Int4Linear.fits(child):
                 kept.append(f"{module_name}.{name}")
-                continue
-            setattr(module, name, layer(child))
+            else:
+                setattr(module, name, layer(child))
     if kept:
         log.warning("int4: %d linear layers kept in bfloat16 (input width not a multiple of "
                     "%d): %s", len(kept), INT4_GROUP, ", ".join(kept[:5]))  # fmt: skip
 
 
 def quantization_label(model: nn.Module) -> str | None:
-    """'int8' or 'int4' for a model with quantized linears, else None."""
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            return module.label
-    return None
+    """'int4', 'int8' (the format of its other layers: an int4 model's head is int8) or None."""
+    labels = {m.label for m in model.modules() if isinstance(m, QuantizedLinear)}
+    return "int4" if "int4" in labels else next(iter(labels), None)

@@ -149,6 +149,7 @@ def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(
     linears = [m for m in quantized.qm.model.modules() if isinstance(m, layer)]
     assert linears and not any(type(m) is nn.Linear for m in quantized.qm.model.modules())
     assert quantized.dtype == f"{method} weights, bfloat16" and plain.dtype == "bfloat16"
+    assert isinstance(quantized.qm.model.get_output_embeddings(), Int8Linear)  # 8 bits either way
     embeddings = quantized.qm.model.get_input_embeddings().weight
     assert embeddings.dtype == torch.bfloat16
     prompt = list(plain.qm.tokenizer("The cat sat on", add_special_tokens=False)["input_ids"])
