@@ -158,7 +158,8 @@ def quantize_linears(model: nn.Module, method: str) -> None:
             "QUARK_QUANTIZATION=none"
         )
     layer = {"int8": Int8Linear, "int4": Int4Linear}[method]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)  # a transformers model's head
+    head: object = get_head() if callable(get_head) else None
     kept: list[str] = []
     for module_name, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
