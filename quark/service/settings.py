@@ -140,8 +140,9 @@ class ServiceSettings(BaseSettings):
     quantization: str = Field(
         "none",
         description="serving weights: none, int8 or int4 (weight-only, CPU, needs QUARK_DTYPE "
-        "bfloat16 or auto resolving to it; int4 is group-32 asymmetric, GGUF Q4_1's layout; "
-        "both are faster for one stream, see docs/results.md)",
+        "bfloat16 or auto resolving to it; both are faster for one stream). int4 (group-32, "
+        "GGUF Q4_1's layout) keeps the default GGUF model as it is but rounds an unlearned "
+        "version's changes away: use int8 with unlearning (docs/results.md)",
     )
     cache_dir: Path = Field(default_factory=default_cache_dir, description="converted-model cache")
     data_dir: Path = Field(

@@ -171,6 +171,15 @@ def test_quantization_needs_a_bfloat16_cpu_model(method: str) -> None:
         check_serving_dtype(settings)
 
 
+def test_int4_warns_at_start_up_that_it_rounds_unlearning_away(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    check_serving_dtype(ServiceSettings(device="cpu", dtype="bfloat16", quantization="int8"))
+    assert "4-bit grid" not in caplog.text
+    check_serving_dtype(ServiceSettings(device="cpu", dtype="bfloat16", quantization="int4"))
+    assert "QUARK_QUANTIZATION=int8" in caplog.text and "4-bit grid" in caplog.text
+
+
 def test_an_unknown_quantization_is_a_settings_error() -> None:
     with pytest.raises(ValidationError, match="use one of none, int8, int4"):
         ServiceSettings(quantization="int2")
