@@ -55,13 +55,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from quark.evaluation import EvalResult  # noqa: E402
 from quark.online.gate import (  # noqa: E402
     DEFAULT_CONFIDENCE,
     DEFAULT_MARGIN,
     promotion_gate,
     t_quantile,
 )
+from quark.version_eval import EvalResult  # noqa: E402
 
 METRICS = ROOT / "docs" / "data" / "rtp-30min-metrics.jsonl"
 

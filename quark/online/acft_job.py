@@ -40,7 +40,6 @@ from quark.acft.training import (
     sample_labelled,
 )
 from quark.checkpoint import STATE_FILE
-from quark.evaluation import EvalResult
 from quark.models import QuarkModel, frozen_copy, load_model
 from quark.online.job import (
     RESUME_FILE,
@@ -55,6 +54,7 @@ from quark.online.job import (
 )
 from quark.pool import PoolRecord
 from quark.sampling import SamplingParams
+from quark.version_eval import EvalResult
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from quark.evaluation import EvalResult
+    from quark.version_eval import EvalResult
 
 #: Salt of the held-out split: changing it would move prompts between training and evaluation.
 HELD_OUT_SALT = "quark-eval"

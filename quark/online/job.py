@@ -21,7 +21,6 @@ import torch
 
 from quark.checkpoint import STATE_FILE
 from quark.data import utility_passages
-from quark.evaluation import EvalResult, evaluate_version
 from quark.models import QuarkModel, load_model
 from quark.online.gate import is_held_out, judged_quantile, promotion_gate
 from quark.online.params import UnlearnParams
@@ -29,6 +28,7 @@ from quark.online.scoring import OnlinePool, unique_records
 from quark.pool import PoolRecord
 from quark.rewards import RewardFn
 from quark.training import QuarkTrainer, bf16_autocast, training_autocast
+from quark.version_eval import EvalResult, evaluate_version
 
 log = logging.getLogger(__name__)
 

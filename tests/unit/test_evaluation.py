@@ -13,12 +13,12 @@ from quark.evaluation import (
     diversity_metrics,
     evaluate,
     perplexity,
-    reference_scores,
     sample_many,
     toxicity_metrics,
 )
 from quark.models import QuarkModel
 from quark.sampling import SamplingParams, generate
+from quark.version_eval import reference_scores
 
 PROMPTS = ["The cat sat on the", "Rain falls on the city and"]
 

@@ -9,7 +9,6 @@ import statistics
 
 import pytest
 
-from quark.evaluation import EvalResult
 from quark.online.gate import (
     DEFAULT_CONFIDENCE,
     DEFAULT_MARGIN,
@@ -19,6 +18,7 @@ from quark.online.gate import (
 )
 from quark.online.params import UnlearnParams
 from quark.service.settings import ServiceSettings
+from quark.version_eval import EvalResult
 
 
 def _result(rewards: list[float], *, ppl: float = 10.0, kl: float = 0.1) -> EvalResult:

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from quark.evaluation import EvalResult
 from quark.models import QuarkModel, load_model
 from quark.online.gate import DEFAULT_MAX_KL, GateDecision, is_held_out, promotion_gate
 from quark.online.job import JobCancelled, JobSuspended, UnlearnDeps, split_window
@@ -21,6 +20,7 @@ from quark.pool import PoolRecord
 from quark.rewards import KeywordShareReward
 from quark.service.settings import ServiceSettings
 from quark.service.store import MemoryPointer, ModelStore, ensure_initial_version
+from quark.version_eval import EvalResult
 
 
 class FakePool:
