@@ -13,7 +13,7 @@ import torch
 
 from quark.batching import completion_logits, encode_pairs
 from quark.evaluation import sample_many
-from quark.loss import quark_loss, restrict_vocab
+from quark.loss import restrict_vocab, token_kl
 from quark.models import QuarkModel
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams
@@ -77,12 +77,13 @@ def reference_scores(
         # float32 logits whatever the forward's precision (an autocast caller): [B, T, V]
         policy = completion_logits(qm.model, policy_ids, policy_mask, width).float()
         ref = completion_logits(original, ref_ids, ref_mask, width).float()
-        policy, ref = (restrict_vocab(x, vocab, reward_ids) for x in (policy, ref))
-        _, stats = quark_loss(policy, ref, labels, label_mask, 0.0, 0.0)
-        token_lp = torch.log_softmax(ref, dim=-1).gather(-1, labels.unsqueeze(-1))
-        nll -= float((token_lp.squeeze(-1) * label_mask).sum())  # [B, T] -> summed NLL
-        kl += stats.kl * stats.tokens
-        tokens += stats.tokens
+        logprobs, ref_logprobs = (
+            torch.log_softmax(restrict_vocab(x, vocab, reward_ids), dim=-1) for x in (policy, ref)
+        )  # [B, T, V] each, normalised once
+        token_lp = ref_logprobs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # [B, T]
+        nll -= float((token_lp * label_mask).sum())
+        kl += float((token_kl(logprobs, ref_logprobs) * label_mask).sum())
+        tokens += float(label_mask.sum())
     if not tokens:
         return 1.0, 0.0  # no completion tokens: exp(0), nothing to compare
     return math.exp(nll / tokens), kl / tokens
