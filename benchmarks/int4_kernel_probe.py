@@ -9,31 +9,29 @@ Usage: ``OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/int4_kernel_probe.py [
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-GROUP = 32  # GGUF Q4_1's block size
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from quark.quantize import Int4Linear, Int8Linear  # noqa: E402
 
 
 def formats(out: int, inp: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """One random [out, inp] weight as bf16, per-row int8 and group-wise int4 matmuls."""
-    w = torch.randn(out, inp)
-    groups = w.reshape(out, inp // GROUP, GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)
-    scale = ((high - low) / 15).clamp(min=1e-8)  # [out, groups]
-    q = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
-    packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).reshape(out, inp), 1)
-    # The kernel's convention: w = (q - 8) * scale + zero, per group: [groups, out, 2].
-    scales_zeros = torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1).bfloat16()
-    row_scale = w.abs().amax(1) / 127
-    w8 = (w / row_scale[:, None]).round().to(torch.int8)
-    bf16 = w.bfloat16()
+    """One random [out, inp] weight as the bf16 matmul and the packed int8 and int4 matmuls
+    the serving layers run."""
+    linear = torch.nn.Linear(inp, out, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.normal_()
     return {
-        "bf16": lambda x: torch.nn.functional.linear(x, bf16),
-        "int8": lambda x: torch._weight_int8pack_mm(x, w8, row_scale.bfloat16()),
-        "int4": lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros),
+        "bf16": lambda x: torch.nn.functional.linear(x, linear.weight),
+        "int8": Int8Linear(linear).packed_mm,
+        "int4": Int4Linear(linear).packed_mm,
     }
 
 

@@ -12,7 +12,7 @@ Activations stay bfloat16. A one-stream decode step is bound by the bytes of wei
 reads: int8 reads half of bfloat16's, int4 a quarter. With more rows than the format's
 ``max_rows`` the packed kernels are slower than bfloat16's GEMM, so those calls (prefills,
 large batches) multiply by the same weights dequantized to bfloat16 and kept beside the
-packed ones: the same model either way, at 1.5x (int8) or 1.25x (int4) bfloat16's memory
+packed ones: the same model either way, at about 1.5x (int8) or 1.3x (int4) bfloat16's memory
 (measured: docs/results.md, "Serving speed").
 
 The output head is quantized too (for SmolLM2 it is a fifth of the weights), to int8 under
