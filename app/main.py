@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from transformers.utils import logging as hf_logging
 
-from app.engine import Engine, check_serving_dtype
+from app.engine import Engine
 from app.errors import install_error_handlers
 from app.metrics import Metrics
 from app.middleware import BodyLimitMiddleware, MetricsMiddleware, UnexpectedErrorMiddleware
@@ -21,6 +21,7 @@ from app.model_watcher import start_watcher
 from app.pool_logger import PoolLogger
 from app.routes import admin, admin_models, generate, health, openai
 from app.service import GenerationService
+from app.serving_model import check_serving_dtype
 from app.streaming import ClientDisconnected
 from quark.service.settings import ServiceSettings
 from quark.service.worker_status import WorkerMonitor, WorkerStatus

@@ -32,8 +32,8 @@ from typing import Any, Protocol
 import redis
 from prometheus_client import Counter, Gauge
 
-from app.engine import prepare_for_serving, serving_dtype
 from app.metrics import Metrics
+from app.serving_model import prepare_for_serving, serving_dtype
 from quark.models import QuarkModel
 from quark.service.redis_client import connect
 from quark.service.settings import ServiceSettings

@@ -17,7 +17,6 @@ from app.engine import (
     Engine,
     EngineError,
     Event,
-    LoadedModel,
     QueueFull,
     RequestHandle,
     RequestSpec,
@@ -26,6 +25,7 @@ from app.errors import APIError, bad_request
 from app.metrics import Metrics
 from app.pool_logger import PoolLogger
 from app.schemas import RewardUsed
+from app.serving_model import LoadedModel
 from quark.pool import PoolRecord
 from quark.service.settings import ServiceSettings
 

@@ -31,9 +31,9 @@ from quark.service.store import (
     ModelStore,
     RedisVersionPointer,
     UnknownVersion,
-    VerificationCache,
 )
 from quark.service.tasks import TRAINING_QUEUE, UNLEARN_TASK
+from quark.service.verification import VerificationCache
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 

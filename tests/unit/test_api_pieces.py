@@ -8,11 +8,11 @@ import pytest
 from pydantic import ValidationError
 
 from app.auth import token_matches
-from app.engine import wrap_model
 from app.errors import APIError, validation_error
 from app.main import InsecureConfiguration, create_app
 from app.schemas import ChatCompletionRequest, CompletionRequest, GenerateParams, GenerateRequest
 from app.service import reward_choice
+from app.serving_model import wrap_model
 from quark.models import QuarkModel
 from quark.service.settings import ServiceSettings
 from testkit.tiny_model import build_tiny_model
@@ -119,7 +119,7 @@ def test_app_refuses_to_start_without_admin_token(
 
 
 def test_model_version_label(tiny_model_dir: Path, tiny_qm: QuarkModel) -> None:
-    from app.engine import model_version
+    from app.serving_model import model_version
 
     tiny_qm.metadata.pop("version", None)
     label = model_version(tiny_qm, tiny_model_dir)

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from app.decoding import RowSampling, decode_text
-from app.engine import Engine, Event, QueueFull, RequestHandle, RequestSpec, wrap_model
+from app.engine import Engine, Event, QueueFull, RequestHandle, RequestSpec
 from app.metrics import Metrics
+from app.serving_model import wrap_model
 from quark.models import QuarkModel
 from quark.service.settings import ServiceSettings
 from testkit.tiny_model import build_tiny_model

@@ -16,7 +16,8 @@ from app.metrics import Metrics
 from app.model_watcher import ModelWatcher
 from quark.models import QuarkModel
 from quark.service.settings import ServiceSettings
-from quark.service.store import MemoryPointer, ModelStore, VerificationCache
+from quark.service.store import MemoryPointer, ModelStore
+from quark.service.verification import VerificationCache
 
 
 @dataclass

@@ -18,7 +18,8 @@ from quark.models import QuarkModel
 from quark.online.gate import judged_quantile
 from quark.online.params import UnlearnParams
 from quark.service.settings import UNLEARN_ENV, ServiceSettings
-from quark.service.store import MemoryPointer, ModelStore, VerificationCache
+from quark.service.store import MemoryPointer, ModelStore
+from quark.service.verification import VerificationCache
 
 
 # -- declared once -----------------------------------------------------------------------

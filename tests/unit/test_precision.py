@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from app.engine import load_version, serving_dtype
+from app.serving_model import load_version, serving_dtype
 from quark.models import load_model
 from quark.precision import cpu_flags, cpu_has_native_bf16, resolve_dtype
 from quark.service.settings import ServiceSettings

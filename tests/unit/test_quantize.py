@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from app.decoding import Row, RowSampling, decode
-from app.engine import check_serving_dtype, load_version
+from app.serving_model import check_serving_dtype, load_version
 from quark.quantize import (
     Int4Linear,
     Int8Linear,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from quark.service.up import RestartPolicy, Supervisor
+from quark.service.supervisor import RestartPolicy, Supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
@@ -130,7 +130,7 @@ def test_a_child_without_a_restart_policy_stops_the_service(
 # A supervisor in its own process, killed by SIGKILL: its child must not live on.
 _SUPERVISED = """
 import os, sys, time
-from quark.service.up import Supervisor
+from quark.service.supervisor import Supervisor
 supervisor = Supervisor(env=dict(os.environ))
 child = supervisor.start("sleeper", [sys.executable, "-c", "import time; time.sleep(600)"])
 print("child", child.process.pid, flush=True)
