@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from quark.acft.config import ObjectiveParams
 from quark.config import TASKS, Params, QuarkConfig
 from quark.eval_commands import DEFAULT_JUDGES, cmd_compare, cmd_eval, reward_quantile
+from quark.precision import DTYPE_CHOICES, QUANTIZATION_CHOICES
 from quark.service.up import add_commands as add_service_commands
 
 if TYPE_CHECKING:  # the models module imports torch: only commands that need it load it
@@ -106,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-new-tokens", type=int, default=20)
     ev.add_argument("--batch-size", type=int, default=50)
     ev.add_argument("--device", default="auto")
+    ev.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="float32",
+        help="precision the evaluated model runs in (QUARK_DTYPE's choices; the reference "
+        "model for perplexity stays float32)",
+    )
+    ev.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_CHOICES,
+        default="none",
+        help="evaluate the model as the server serves it with QUARK_QUANTIZATION "
+        "(int8 and int4 need --dtype bfloat16 on CPU)",
+    )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(
         "--judge",

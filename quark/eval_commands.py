@@ -40,11 +40,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.judge and args.task != "toxicity":
         raise ValueError("--judge applies to --task toxicity only")
     judges = _judges(args.judge or list(DEFAULT_JUDGES)) if args.task == "toxicity" else None
-    qm = load_model(args.model, device=args.device)
+    qm = _load_evaluated(args)
     quantile = reward_quantile(qm, args.reward)
     reference_source = args.reference or qm.metadata.get("base_model", "default")
+    as_loaded = args.dtype == "float32" and args.quantization == "none"
     reference = (
-        qm if reference_source == args.model else load_model(reference_source, device=args.device)
+        qm
+        if reference_source == args.model and as_loaded
+        else load_model(reference_source, device=args.device)
     )
     started = time.perf_counter()
     result = evaluate(
@@ -65,6 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference=str(reference_source),
         reward=args.reward,
         split=args.split,
+        dtype=args.dtype,
+        quantization=args.quantization,
         seconds=time.perf_counter() - started,
     )
     _print_table(result)
@@ -72,6 +77,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _load_evaluated(args: argparse.Namespace) -> QuarkModel:
+    """The evaluated model in ``--dtype``, with ``--quantization``'s weights as served."""
+    import torch
+
+    from quark.models import load_model, resolve_device
+    from quark.precision import resolve_dtype
+    from quark.quantize import quantize_linears
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.quantization != "none" and (device.type != "cpu" or dtype != torch.bfloat16):
+        raise SystemExit(
+            f"--quantization {args.quantization} serves bfloat16 activations on CPU: add "
+            "--dtype bfloat16 --device cpu"
+        )
+    qm = load_model(args.model, device=args.device, dtype=dtype)
+    if args.quantization != "none":
+        quantize_linears(qm.model, args.quantization)
+    return qm
 
 
 def reward_quantile(qm: QuarkModel, reward: str) -> int | None:
