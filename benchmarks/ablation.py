@@ -41,6 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from quark.evaluation import perplexity_stat
+from quark.intervals import relative_change
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rtp"
 HELDOUT_TEXT_WORDS = 120
@@ -147,11 +152,13 @@ def split_wikitext(path: Path, out: Path, heldout_articles: int) -> tuple[Path, 
     return train, heldout
 
 
-def heldout_perplexity(model: str, reward: str, heldout: Path, target: Path) -> float:
-    """The model's perplexity on the held-out passages, conditioned as its output is."""
-    if not target.exists():
+def heldout_perplexity(model: str, reward: str, heldout: Path, target: Path) -> dict[str, Any]:
+    """The model's perplexity on the held-out passages, conditioned as its output is, with
+    each passage's (mean NLL per token, tokens) for intervals over passages."""
+    result: dict[str, Any] = json.loads(target.read_text()) if target.exists() else {}
+    if "per_passage" not in result:  # files written before per-passage rows are recomputed
         from quark.acft.corpus import UTILITY_PROMPT_WORDS as PROMPT  # split as ACFT's corpus
-        from quark.evaluation import perplexity
+        from quark.evaluation import completion_nll
         from quark.models import load_model
 
         passages = [line.split() for line in heldout.read_text(encoding="utf-8").splitlines()]
@@ -159,10 +166,20 @@ def heldout_perplexity(model: str, reward: str, heldout: Path, target: Path) -> 
         prompts = [" ".join(w[:PROMPT]) for w in passages]
         texts = [" " + " ".join(w[PROMPT : PROMPT + HELDOUT_TEXT_WORDS]) for w in passages]
         quantile = None if reward == "none" else 0
-        value = perplexity(load_model(model), prompts, texts, batch_size=8, quantile=quantile)
-        target.write_text(json.dumps({"model": model, "reward": reward,
-                                      "passages": len(passages), "perplexity": value}))  # fmt: skip
-    return float(json.loads(target.read_text())["perplexity"])
+        nll = completion_nll(load_model(model), prompts, texts, batch_size=8, quantile=quantile)
+        rows = [[total / max(count, 1), count] for total, count in nll]
+        result = {"model": model, "reward": reward, "passages": len(passages),
+                  "perplexity": perplexity_stat(np.array(rows)), "per_passage": rows}  # fmt: skip
+        target.write_text(json.dumps(result))
+    return result
+
+
+def heldout_ratio(original: dict[str, Any], other: dict[str, Any]) -> str:
+    """Held-out perplexity as a multiple of the original's, with a paired 95% interval."""
+    change = relative_change(
+        np.array(original["per_passage"]), np.array(other["per_passage"]), stat=perplexity_stat
+    )
+    return f"x{1 + change.value:.2f} [{1 + change.low:.2f}, {1 + change.high:.2f}]"
 
 
 def main() -> int:
@@ -204,11 +221,18 @@ def main() -> int:
                 ours,
                 ours.with_name(f"vs-{baseline}-{split}.json"),
             )
-    wiki = {}
+    wiki: dict[tuple[str, str], str] = {}
     if heldout is not None:
-        for name, model, output, _ in rows:
-            target = args.out / name / f"heldout-ppl-{output}.json"
-            wiki[(name, output)] = heldout_perplexity(model, output, heldout, target)
+        held = {
+            (name, output): heldout_perplexity(
+                model, output, heldout, args.out / name / f"heldout-ppl-{output}.json"
+            )
+            for name, model, output, _ in rows
+        }
+        reference = held[("original", "none")]
+        for key, result in held.items():
+            ratio = "" if key[0] == "original" else f" ({heldout_ratio(reference, result)})"
+            wiki[key] = f"{result['perplexity']:.2f}{ratio}"
         summary["heldout_perplexity"] = {f"{n}/{o}": v for (n, o), v in wiki.items()}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table(rows, summary, wiki))
@@ -216,7 +240,7 @@ def main() -> int:
     return 0
 
 
-def table(rows: list[Row], summary: dict[str, Any], wiki: dict[tuple[str, str], float]) -> str:
+def table(rows: list[Row], summary: dict[str, Any], wiki: dict[tuple[str, str], str]) -> str:
     """Markdown: one row per (arm, output, split); changes paired against the original."""
     lines = [
         "| model | output | split | tox. prob. | EMT | ppl (completions) | ppl (held-out text) "
@@ -228,7 +252,7 @@ def table(rows: list[Row], summary: dict[str, Any], wiki: dict[tuple[str, str], 
             tag = target.stem.removeprefix("eval-")
             paired = summary["arms"].get(name, {}).get(f"vs_original_{tag}", {}).get("metrics")
             cells = [_cell(json.loads(target.read_text()), paired, m) for m in METRICS]
-            text_ppl = f"{wiki[(name, output)]:.2f}" if (name, output) in wiki else "-"
+            text_ppl = wiki.get((name, output), "-")
             lines.append(f"| {name} | {output} | {split} | {' | '.join(cells[:3])} | "
                          f"{text_ppl} | {cells[3]} |")  # fmt: skip
     return "\n".join(lines)
