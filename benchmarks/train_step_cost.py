@@ -1,5 +1,6 @@
 """Seconds per Quark training step under the options that trade compute: frozen lower blocks,
-bf16 autocast, the utility KL term. Ratios against float32, measured side by side.
+bf16 autocast, the utility KL term, the reference-logit cache. Ratios against float32 without
+the cache, measured side by side.
 
 Every variant gets its own copy of SmolLM2-135M (the default model) with its own optimizer
 and trains on the same fixed batch of RTP prompts with 20-token completions (best quantile,
@@ -7,6 +8,8 @@ as the defaults train). The variants run round-robin, one step each per round, s
 machine slows them alike; medians over ``--rounds`` rounds after one warm-up round.
 
     OMP_NUM_THREADS=1 python benchmarks/train_step_cost.py --json out.json
+    # a CPU without native bf16 (emulated bf16 is slow): float32 with and without the cache
+    OMP_NUM_THREADS=1 python benchmarks/train_step_cost.py --variant "float32, reference cached"
 """
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+NO_CACHE = {"reference_cache_mb": 0}  # a reference forward every step, as before the cache
 VARIANTS: dict[str, dict[str, Any]] = {
-    "float32": {"train_precision": "float32"},
-    "freeze 15 of 30 blocks": {"train_precision": "float32", "freeze_layers": 15},
-    "bf16 autocast": {"train_precision": "bfloat16"},
-    "freeze 15 + bf16": {"train_precision": "bfloat16", "freeze_layers": 15},
-    "utility KL (2 x 64 tokens)": {"train_precision": "float32", "utility_kl_coef": 1.0},
+    "float32": {"train_precision": "float32", **NO_CACHE},
+    "freeze 15 of 30 blocks": {"train_precision": "float32", "freeze_layers": 15, **NO_CACHE},
+    "bf16 autocast": {"train_precision": "bfloat16", **NO_CACHE},
+    "freeze 15 + bf16": {"train_precision": "bfloat16", "freeze_layers": 15, **NO_CACHE},
+    "utility KL (2 x 64 tokens)": {
+        "train_precision": "float32",
+        "utility_kl_coef": 1.0,
+        **NO_CACHE,
+    },
+    # The batch repeats every round, so after the warm-up every row comes from the cache:
+    # the saving when a sample is trained on again.
+    "float32, reference cached": {"train_precision": "float32"},
+    "bf16, reference cached": {"train_precision": "bfloat16"},
 }
 
 
@@ -37,6 +49,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--utility-text", type=Path, default=DATA / "wikitext" / "wiki.raw.txt")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--variant",
+        action="append",
+        choices=list(VARIANTS),
+        default=None,
+        help="run only these (repeatable; float32 always runs, as the baseline)",
+    )
     return p.parse_args()
 
 
@@ -57,7 +76,8 @@ def main() -> int:
     original = load_model("default", device="cpu")
     reference = frozen_copy(original)
     trainers: dict[str, QuarkTrainer] = {}
-    for name, overrides in VARIANTS.items():
+    chosen = {"float32", *(args.variant or VARIANTS)}
+    for name, overrides in ((n, v) for n, v in VARIANTS.items() if n in chosen):
         qm = copy.deepcopy(original)
         add_reward_tokens(qm, 5, torch.Generator().manual_seed(0))
         config = QuarkConfig.from_dict(overrides)

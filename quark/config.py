@@ -133,8 +133,8 @@ class QuarkConfig(Params):
         "Weight of a KL(pi_theta || pi_ref) over every token of utility-text passages (`quark "
         "train --utility-text`, QUARK_UTILITY_TEXT), the policy with the top reward token, the "
         "reference without; meant to hold the distribution beyond the pooled completions (30 "
-        "minutes of Quark raised held-out WikiText perplexity 3.4x, docs/results.md). 0 = off; "
-        "its effect is not measured yet.",
+        "minutes of Quark raised held-out WikiText perplexity 3.4x, docs/results.md). 0 = off: "
+        "at coefficient 1 it held WikiText and also took back most of the effect (ablation 5).",
         ge=0,
     )
     utility_rows: int = param(
@@ -199,6 +199,13 @@ class QuarkConfig(Params):
     )
     freeze_layers: int = param(0, "Freeze the lowest N transformer blocks.", ge=0)
     train_precision: str = train_precision_param()
+    reference_cache_mb: int = param(
+        2048,
+        "MiB kept of the reference model's logits for trained samples (3.9 MiB per 20-token "
+        "completion with SmolLM2's vocabulary), reused when a sample is trained on again "
+        "instead of a reference forward per step; 0 = recompute every step.",
+        ge=0,
+    )
     seed: int = param(42, "Random seed.")
 
     def problems(self) -> Iterator[str]:

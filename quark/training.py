@@ -22,6 +22,7 @@ from quark.loss import LossStats, quark_loss, reference_kl, restrict_vocab
 from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import InMemoryPool, PoolRecord, QuantizedSample, quantile_stats, quantize
 from quark.precision import cpu_has_native_bf16
+from quark.reference_cache import ReferenceCache
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
 
@@ -89,6 +90,7 @@ class QuarkTrainer:
         )
         self._epoch: list[QuantizedSample] = []
         self._listener: Callable[[dict[str, Any]], None] = _ignore
+        self.reference_cache = ReferenceCache(config.reference_cache_mb * 2**20)
 
     # -- explore -----------------------------------------------------------------------
     def explore(self, quantile: int | None = 0) -> list[PoolRecord]:
@@ -204,11 +206,18 @@ class QuarkTrainer:
         width = batch.labels.shape[1]
         with self._autocast():
             policy = completion_logits(self.qm.model, batch.policy_ids, batch.policy_mask, width)
-            with torch.no_grad():
-                ref = completion_logits(self.reference, batch.ref_ids, batch.ref_mask, width)
+
+        def reference_rows(rows: list[int]) -> torch.Tensor:  # [len(rows), T, V]
+            index = torch.tensor(rows, device=batch.ref_ids.device)
+            with self._autocast(), torch.no_grad():
+                ids, mask = batch.ref_ids[index], batch.ref_mask[index]
+                return self._shared_vocab(completion_logits(self.reference, ids, mask, width))
+
+        keys = [(s.prompt, s.completion) for s in samples]  # what the reference sees
+        ref = self.reference_cache.logits(keys, batch.label_mask, reference_rows)
         return quark_loss(
             self._shared_vocab(policy),
-            self._shared_vocab(ref),
+            ref,
             batch.labels,
             batch.label_mask,
             cfg.kl_coef,
@@ -298,6 +307,7 @@ class QuarkTrainer:
                 **stats.as_dict(),
                 "lr": self.scheduler.get_last_lr()[0],
                 "seconds": time.perf_counter() - started,
+                "reference_cache_hit_rate": self.reference_cache.hit_rate,  # so far
             }
         )
         return stats
