@@ -179,7 +179,7 @@ def heldout_ratio(original: dict[str, Any], other: dict[str, Any]) -> str:
     change = relative_change(
         np.array(original["per_passage"]), np.array(other["per_passage"]), stat=perplexity_stat
     )
-    return f"x{1 + change.value:.2f} [{1 + change.low:.2f}, {1 + change.high:.2f}]"
+    return f"x{1 + change.estimate:.2f} [{1 + change.low:.2f}, {1 + change.high:.2f}]"
 
 
 def main() -> int:

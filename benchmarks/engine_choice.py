@@ -19,6 +19,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import GenerationConfig
@@ -73,10 +74,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     qm = load_model(args.model, device="cpu")
-    tok, model = qm.tokenizer, qm.model
+    tok, model = qm.tokenizer, cast(Any, qm.model)  # a transformers model: .generate()
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in load_prompts(args.batch)]
     n, stops = args.new_tokens, eos_ids(qm)
-    common = {"do_sample": True, "top_k": None, "top_p": 1.0, "temperature": 1.0}
+    common: dict[str, Any] = {"do_sample": True, "top_k": None, "top_p": 1.0, "temperature": 1.0}
     common |= {"pad_token_id": tok.pad_token_id, "eos_token_id": stops}
 
     @torch.inference_mode()

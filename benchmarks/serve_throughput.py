@@ -24,6 +24,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 
@@ -102,14 +103,14 @@ def sequential_tokens_per_s(
     torch.set_num_threads(threads)
     qm = load_model(model, device="cpu")
     stops = eos_ids(qm)
-    kwargs = {"do_sample": True, "top_k": None, "top_p": 1.0, "temperature": 1.0}
+    kwargs: dict[str, Any] = {"do_sample": True, "top_k": None, "top_p": 1.0, "temperature": 1.0}
     kwargs |= {"pad_token_id": qm.tokenizer.pad_token_id, "eos_token_id": stops}
     total, start = 0, time.perf_counter()
     with torch.inference_mode():
         for i, prompt in enumerate(prompts):
             torch.manual_seed(i)
             ids = torch.tensor([qm.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-            out = qm.model.generate(
+            out = cast(Any, qm.model).generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, **kwargs
             )
             new = out[0, ids.shape[1] :].tolist()
