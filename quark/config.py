@@ -198,6 +198,14 @@ class QuarkConfig(Params):
         choices=TOKEN_INITS,
     )
     freeze_layers: int = param(0, "Freeze the lowest N transformer blocks.", ge=0)
+    lora_rank: int = param(
+        0,
+        "Train rank-r adapters (LoRA) on every linear of the transformer blocks, and of the "
+        "embeddings only the reward tokens' rows, instead of all weights; 0 = full "
+        "fine-tuning. Saved models have the adapters merged in.",
+        ge=0,
+    )
+    lora_alpha: float = param(32.0, "LoRA's alpha: the update is scaled by alpha / rank.", gt=0)
     train_precision: str = train_precision_param()
     reference_cache_mb: int = param(
         2048,
@@ -214,6 +222,8 @@ class QuarkConfig(Params):
             yield f"task={self.task!r} is unknown; use one of {', '.join(TASKS)}"
         if self.pool_max_size is not None and self.pool_max_size < self.num_quantiles:
             yield f"pool_max_size={self.pool_max_size} must be None or >= num_quantiles"
+        if self.lora_rank and self.freeze_layers:
+            yield "lora_rank and freeze_layers do not combine (LoRA freezes every base weight)"
 
     def effective_warmup(self) -> int:
         """Warmup never longer than the run (5 steps with 10 warmup steps would never train)."""

@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from quark.fsutil import fsync_tree
+from quark.lora import merged
 from quark.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -343,7 +344,8 @@ def save_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        qm.model.save_pretrained(tmp, safe_serialization=True)
+        with merged(qm.model):  # a plain model on disk, with or without LoRA adapters
+            qm.model.save_pretrained(tmp, safe_serialization=True)
         qm.tokenizer.save_pretrained(tmp)
         meta = {**qm.metadata, **(extra or {}), "base_vocab_size": qm.base_vocab_size}
         if qm.reward_tokens is not None:

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from quark.batching import build_batch, build_utility_batch, completion_logits
 from quark.checkpoint import load_loop_state, save_loop_state
 from quark.config import QuarkConfig
+from quark.lora import adapter_state, add_lora, freeze_lower_layers, load_adapter_state
 from quark.loss import LossStats, quark_loss, reference_kl, restrict_vocab
 from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import InMemoryPool, PoolRecord, QuantizedSample, quantile_stats, quantize
@@ -29,6 +31,7 @@ from quark.sampling import SamplingParams, generate
 log = logging.getLogger(__name__)
 
 POOL_FILE = "pool.jsonl"
+ADAPTERS_FILE = "lora_adapters.safetensors"  # a LoRA run's adapters, for an exact resume
 
 
 def _never() -> bool:
@@ -78,6 +81,8 @@ class QuarkTrainer:
         self.step = 0
         self.rng = random.Random(config.seed)
         freeze_lower_layers(qm.model, config.freeze_layers)
+        if config.lora_rank:
+            add_lora(qm.model, config.lora_rank, config.lora_alpha, qm.reward_tokens.ids)
         self._bf16 = bf16_autocast(config.train_precision, qm.device)
         self.optimizer = torch.optim.AdamW(
             [p for p in qm.model.parameters() if p.requires_grad],
@@ -325,6 +330,8 @@ class QuarkTrainer:
         """Model (safetensors) + tokenizer + quark.json; optimizer tensors; state; pool."""
         out = save_model(self.qm, directory, {"config": self.config.to_dict(), "step": self.step})
         save_loop_state(out, self.step, self.optimizer, self.scheduler, self.rng)
+        if self.config.lora_rank:
+            save_file(adapter_state(self.qm.model), str(out / ADAPTERS_FILE))
         with (out / POOL_FILE).open("w") as handle:
             for record in self.pool.records():
                 handle.write(record.to_json() + "\n")
@@ -333,6 +340,8 @@ class QuarkTrainer:
     def load_state(self, directory: Path) -> None:
         """Restore step, optimizer, scheduler, RNG and pool saved by ``save_checkpoint``."""
         self.step = load_loop_state(directory, self.optimizer, self.scheduler, self.rng)
+        if self.config.lora_rank:
+            load_adapter_state(self.qm.model, load_file(str(directory / ADAPTERS_FILE)))
         pool_file = directory / POOL_FILE
         if pool_file.exists():
             lines = pool_file.read_text().splitlines()
@@ -353,18 +362,6 @@ def bf16_autocast(precision: str, device: torch.device | str, native: bool | Non
     if precision == "bfloat16":
         return True
     return cpu_has_native_bf16() if native is None else native
-
-
-def freeze_lower_layers(model: torch.nn.Module, count: int) -> None:
-    """No gradients for the lowest ``count`` transformer blocks (embeddings stay trainable:
-    the reward tokens live there)."""
-    if count == 0:
-        return
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or count > len(layers):
-        raise ValueError(f"freeze_layers={count}: the model has no {count} transformer blocks")
-    for block in layers[:count]:
-        block.requires_grad_(False)
 
 
 @contextmanager

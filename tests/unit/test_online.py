@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from quark.models import QuarkModel, load_model
 from quark.online.gate import DEFAULT_MAX_KL, GateDecision, is_held_out, promotion_gate
@@ -259,6 +260,26 @@ def test_job_publishes_a_child_of_the_active_version(
     test = meta["gate"]["reward_test"]
     assert test["n"] == result["window"]["eval_prompts"] == len(meta["eval"]["prompt_rewards"])
     assert test["confidence"] == 0.95 and test["bound"] <= test["estimate"]
+
+
+def test_a_lora_job_publishes_a_plain_model_with_the_update_merged(
+    job_env: tuple[UnlearnDeps, FakePool],
+) -> None:
+    deps, _ = job_env
+    params = UnlearnParams.from_dict({**FAST, "lora_rank": 2, "lr": 1e-2})
+    result = run_job(deps, params, job_id="job-lora")
+    assert result["status"] == "published"
+    assert deps.store.metadata(result["version"])["config"]["lora_rank"] == 2
+    parent, child = (load_model(deps.store.path(v), device="cpu") for v in ("v0000", "v0001"))
+    names = set(parent.model.state_dict())
+    assert set(child.model.state_dict()) == names  # no adapter weights on disk
+    changed = [
+        n
+        for n in names
+        if not torch.equal(parent.model.state_dict()[n], child.model.state_dict()[n])
+    ]
+    assert any("layers.0.self_attn.q_proj" in n for n in changed)  # the merged update
+    assert not any("norm" in n for n in changed)  # frozen under LoRA
 
 
 def test_job_rejected_by_the_gate_publishes_nothing(
