@@ -31,6 +31,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "freeze 15 of 30 blocks": {"train_precision": "float32", "freeze_layers": 15, **NO_CACHE},
     "bf16 autocast": {"train_precision": "bfloat16", **NO_CACHE},
     "freeze 15 + bf16": {"train_precision": "bfloat16", "freeze_layers": 15, **NO_CACHE},
+    "LoRA r16 + bf16": {"train_precision": "bfloat16", "lora_rank": 16, **NO_CACHE},
     "utility KL (2 x 64 tokens)": {
         "train_precision": "float32",
         "utility_kl_coef": 1.0,

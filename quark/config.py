@@ -151,7 +151,13 @@ class QuarkConfig(Params):
         "(docs/results.md, ablation 3).",
         ge=0,
     )
-    sample_interval: int = param(50, "Explore again (top reward token) every N steps.", ge=1)
+    sample_interval: int = param(
+        25,
+        "Explore again (top reward token) every N steps. 25, not 50: the best quantile is "
+        "refreshed twice as often, so it is memorised less (the same detox effect with dist-3 "
+        "0.945 against 0.902, docs/results.md, ablation 7).",
+        ge=1,
+    )
     samples_per_prompt: int = param(1, "Completions per prompt in each exploration round.", ge=1)
     response_length: int = param(20, "Maximum new tokens per sampled completion.", ge=1, le=512)
     max_prompt_tokens: int = param(
