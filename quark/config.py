@@ -230,6 +230,11 @@ class QuarkConfig(Params):
             yield f"pool_max_size={self.pool_max_size} must be None or >= num_quantiles"
         if self.lora_rank and self.freeze_layers:
             yield "lora_rank and freeze_layers do not combine (LoRA freezes every base weight)"
+        if self.lora_rank and self.weight_decay:
+            yield (
+                "lora_rank needs weight_decay=0: AdamW's decay would shrink every embedding "
+                "row, where LoRA trains only the reward tokens' rows"
+            )
 
     def effective_warmup(self) -> int:
         """Warmup never longer than the run (5 steps with 10 warmup steps would never train)."""

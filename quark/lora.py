@@ -49,10 +49,10 @@ def add_lora(
 ) -> list[LoRALinear]:
     """Freeze ``model`` except new adapters on the linears of its transformer blocks and the
     embedding rows ``trainable_rows`` (input and output embeddings: a gradient mask keeps
-    every other row as it is; with no weight decay, AdamW then leaves them exactly as they
-    are). Returns the adapters."""
-    blocks = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(blocks, nn.ModuleList):
+    every other row as it is, provided the optimizer has no weight decay, which would shrink
+    them anyway: ``QuarkConfig`` refuses lora_rank with weight_decay). Returns the adapters."""
+    blocks = transformer_blocks(model)
+    if blocks is None:
         raise ValueError(f"lora_rank={rank}: {type(model).__name__} has no transformer blocks")
     model.requires_grad_(False)
     adapters = []
@@ -65,6 +65,12 @@ def add_lora(
                 adapters.append(adapter)
     _train_rows_only(model, list(trainable_rows))
     return adapters
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """A Hugging Face causal LM's blocks (``model.model.layers``), or None."""
+    blocks = getattr(getattr(model, "model", None), "layers", None)
+    return blocks if isinstance(blocks, nn.ModuleList) else None
 
 
 def _train_rows_only(model: nn.Module, rows: list[int]) -> None:
@@ -85,8 +91,8 @@ def freeze_lower_layers(model: nn.Module, count: int) -> None:
     the reward tokens live there)."""
     if count == 0:
         return
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList) or count > len(layers):
+    layers = transformer_blocks(model)
+    if layers is None or count > len(layers):
         raise ValueError(f"freeze_layers={count}: the model has no {count} transformer blocks")
     for block in layers[:count]:
         block.requires_grad_(False)

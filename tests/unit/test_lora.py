@@ -108,6 +108,8 @@ def test_a_resumed_lora_run_continues_the_same_steps(tiny_qm: QuarkModel, tmp_pa
     assert torch.allclose(_logits(resumed.qm), _logits(trainer.qm), atol=1e-4)
 
 
-def test_lora_and_frozen_blocks_do_not_combine() -> None:
+def test_lora_refuses_frozen_blocks_and_weight_decay() -> None:
     with pytest.raises(ValueError, match="lora_rank and freeze_layers"):
         QuarkConfig(lora_rank=4, freeze_layers=1)
+    with pytest.raises(ValueError, match="weight_decay=0"):
+        QuarkConfig(lora_rank=4, weight_decay=0.01)
