@@ -137,8 +137,7 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     """Resume adapters saved with a merged model: load A and B, and take their update back
     out of the (merged) base weights, so forward and the next steps continue as before."""
     adapters = adapters_of(model)
-    missing = {f"{n}.lora_{p}" for n, _ in adapters for p in "ab"} - state.keys()
-    if missing or len(state) != 2 * len(adapters):
+    if set(state) != {f"{n}.lora_{p}" for n, _ in adapters for p in "ab"}:
         raise ValueError("the checkpoint's adapters do not match this model's (lora_rank?)")
     with torch.no_grad():
         for name, adapter in adapters:
