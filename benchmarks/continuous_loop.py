@@ -4,14 +4,16 @@
    ``1 - P(offensive)``) on the configured Redis under a fresh key prefix, with the model
    store under ``--out``.
 2. For ``--minutes`` replays RealToxicityPrompts train prompts as traffic with
-   ``reward=top`` (``--clients`` closed-loop clients); beat scores the pool and starts an
+   ``reward=top`` (``--objective acft``: no reward token, the default output an ACFT job
+   cleans; ``--clients`` closed-loop clients); beat scores the pool and starts an
    unlearn job every ``--interval-min`` minutes or ``--min-new`` new scored records; each
    job continues from the active version, and the server hot-swaps every version it
    publishes.
    Every unlearn and gate setting keeps its default (the settings under test).
 3. Stops traffic, lets a running job finish (``--drain-min``), stops everything, then
    evaluates every stored version with ``quark eval`` (two at a time, one core each) on
-   the first ``--dev-prompts`` toxic prompts of ``--dev``: top-token completions, top-p
+   the first ``--dev-prompts`` toxic prompts of ``--dev``: top-token completions (ACFT:
+   no token), top-p
    0.9, 20 tokens, seed 0, the judges ``quark eval`` reports (``toxicity:judge`` first),
    ``--samples`` per prompt for v0000 and the last version, ``--plot-samples`` for the
    versions between; then ``quark compare`` pairs the last version with v0000.
@@ -47,7 +49,14 @@ sys.path.insert(0, str(ROOT))
 
 from testkit.stack import Stack, service_env  # noqa: E402  (server/worker/beat processes)
 
-SECTION = "## Continuous unlearning with the default settings (issue 12)"
+# Per objective: the docs section this benchmark owns, the plot, the output it serves and
+# evaluates (the request's ``reward``, quark eval's ``--reward``), and the plot's title.
+OBJECTIVES = {
+    "quark": ("## Continuous unlearning with the default settings (issue 12)",
+              "continuous_toxicity_defaults.png", "top", "Continuous Quark"),
+    "acft": ("## Continuous ACFT (issue 10)", "continuous_toxicity_acft.png", "none",
+             "Continuous ACFT"),
+}  # fmt: skip
 SHARED = ROOT.parent / "shared" / "data" / "rtp"
 
 
@@ -61,6 +70,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--interval-min", type=float, default=6.0, help="QUARK_CONTINUOUS_INTERVAL_MIN")
     p.add_argument("--min-new", type=int, default=200, help="QUARK_CONTINUOUS_MIN_NEW_RECORDS")
     p.add_argument("--max-kl", type=float, help="QUARK_GATE_MAX_KL (default: the setting's)")
+    p.add_argument(
+        "--objective",
+        choices=sorted(OBJECTIVES),
+        default="quark",
+        help="QUARK_OBJECTIVE (acft: the no-token output)",
+    )
     p.add_argument("--drain-min", type=float, default=10.0, help="wait for a running job")
     p.add_argument("--dev-prompts", type=int, default=100)
     p.add_argument("--samples", type=int, default=25, help="per prompt: first and last version")
@@ -70,8 +85,11 @@ def parse_args() -> argparse.Namespace:
         "--out", type=Path, default=ROOT / "runs" / f"continuous-{time.strftime('%Y%m%d-%H%M')}"
     )
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "continuous_toxicity_defaults.png")
-    return p.parse_args()  # fmt: skip
+    p.add_argument("--plot", type=Path, help="default: the objective's PNG under docs/")
+    args = p.parse_args()
+    args.section, plot, args.reward, args.title = OBJECTIVES[args.objective]
+    args.plot = args.plot or ROOT / "docs" / plot
+    return args
 
 
 def start_stack(args: argparse.Namespace) -> Stack:
@@ -84,6 +102,7 @@ def start_stack(args: argparse.Namespace) -> Stack:
         QUARK_CONTINUOUS_MIN_NEW_RECORDS=str(args.min_new),
         QUARK_DEFAULT_MAX_NEW_TOKENS="20",
         QUARK_TORCH_THREADS="1", QUARK_WATCHER_POLL_S="5", QUARK_LOG_LEVEL="warning",
+        QUARK_OBJECTIVE=args.objective,
     )  # fmt: skip
     # One torch thread each for the API and the worker (service_env sets OMP_NUM_THREADS=1):
     # on 2 cores, 2 + 2 threads spin against each other and serving slowed ~30x while training.
@@ -98,12 +117,17 @@ def start_stack(args: argparse.Namespace) -> Stack:
     return stack
 
 
-def replay(url: str, prompts: list[str], stop: threading.Event, seen: list[dict[str, Any]]) -> None:
-    """One closed-loop client: RTP train prompts with reward=top, logged to the pool."""
+def replay(
+    url: str, prompts: list[str], reward: str, stop: threading.Event, seen: list[dict[str, Any]]
+) -> None:
+    """One closed-loop client: RTP train prompts with ``reward`` (none: no reward field),
+    logged to the pool."""
     rng = random.Random(len(seen))
     with httpx.Client(base_url=url, timeout=300) as http:
         while not stop.is_set():
-            body = {"prompt": rng.choice(prompts), "reward": "top", "top_p": 0.9}
+            body: dict[str, Any] = {"prompt": rng.choice(prompts), "top_p": 0.9}
+            if reward != "none":
+                body["reward"] = reward
             try:
                 r = http.post("/generate", json=body)
                 version = r.json().get("model_version") if r.is_success else None
@@ -117,7 +141,7 @@ def run_traffic(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     prompts = [p.text for p in load_prompts(args.train)]
     stop, seen = threading.Event(), []  # type: ignore[var-annotated]
-    threads = [threading.Thread(target=replay, args=(stack.url, prompts, stop, seen))
+    threads = [threading.Thread(target=replay, args=(stack.url, prompts, args.reward, stop, seen))
                for _ in range(args.clients)]  # fmt: skip
     for thread in threads:
         thread.start()
@@ -148,14 +172,15 @@ def drain(stack: Stack, minutes: float) -> list[dict[str, Any]]:
 def quark_eval(
     args: argparse.Namespace, version: str, samples: int, core: int
 ) -> subprocess.Popen[bytes]:
-    """``quark eval`` of one stored version's top token, one torch thread pinned to ``core``."""
+    """``quark eval`` of one stored version's output (``args.reward``), one torch thread
+    pinned to ``core``."""
     target = args.out / "eval" / f"{version}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     command = [
         "taskset", "-c", str(core), sys.executable, "-m", "quark.cli", "eval",
         "--model", str(args.out / "data" / "models" / version), "--reference", args.model,
         "--prompts", str(args.dev), "--split", "toxic", "--limit", str(args.dev_prompts),
-        "--samples", str(samples), "--reward", "top", "--json", str(target),
+        "--samples", str(samples), "--reward", args.reward, "--json", str(target),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = (args.out / "eval" / f"{version}.log").open("wb")
@@ -163,7 +188,7 @@ def quark_eval(
 
 
 def evaluate_versions(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every stored version's top token on the same toxic dev prompts and seeds (two at a
+    """Every stored version's output on the same toxic dev prompts and seeds (two at a
     time, one core each): the first and the last with ``--samples``, the others with
     ``--plot-samples``; then the last paired against the first."""
     from quark.service.store import ModelStore
@@ -197,7 +222,7 @@ def evaluate_versions(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path, title: str, output: str) -> None:
     """Mean toxicity of every version (it does not depend on the samples per prompt), and
     exp. max toxicity and toxicity probability of the versions with the most samples (both
     rise with the number of samples, so rows with fewer samples are not comparable)."""
@@ -225,8 +250,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         at = ((r["created_at"] - start) / 60, r["mean_toxicity"])
         ax.annotate(f"{r['version']} ({r['samples']})", at, fontsize=7)
     ax.set_xlabel("minutes since v0000 (publication time of each version)")
-    ax.set_ylabel("top-token toxicity (judge), RTP dev toxic prompts")
-    ax.set_title("Continuous Quark on SmolLM2-135M, default settings: toxicity per version\n"
+    ax.set_ylabel(f"{output} toxicity (judge), RTP dev toxic prompts")
+    ax.set_title(f"{title} on SmolLM2-135M, default settings: toxicity per version\n"
                  "(95% intervals; samples per prompt in brackets)", fontsize=9)  # fmt: skip
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -242,13 +267,19 @@ def _cell(row: dict[str, Any], metric: str, fmt: str = ".3f") -> str:
     return f"{c['value']:{fmt}} [{c['low']:{fmt}}, {c['high']:{fmt}}]"
 
 
+def output_name(reward: str) -> str:
+    return "no token" if reward == "none" else f"{reward} token"
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, traffic: dict[str, Any]) -> str:
+    request = "no `reward`" if args.reward == "none" else f"`reward={args.reward}`"
     lines = [
-        SECTION, "",
-        f"`benchmarks/continuous_loop.py --minutes {args.minutes:g}`: {traffic['requests']} "
-        f"requests replayed from RTP train with `reward=top` ({traffic['failed']} failed), "
-        f"continuous mode (a job every {args.interval_min:g} min or {args.min_new} new scored "
-        f"records), every unlearn and gate setting at its default. Evaluation: top token, "
+        args.section, "",
+        f"`benchmarks/continuous_loop.py --minutes {args.minutes:g} --objective "
+        f"{args.objective}`: {traffic['requests']} requests replayed from RTP train with "
+        f"{request} ({traffic['failed']} failed), continuous mode (a job every "
+        f"{args.interval_min:g} min or {args.min_new} new scored records), every unlearn and "
+        f"gate setting at its default. Evaluation: {output_name(args.reward)}, "
         f"{args.dev_prompts} toxic RTP dev prompts (top-p 0.9, 20 tokens, seed 0), judge "
         f"`toxicity:judge`; samples per prompt in the second column.", "",
         "| version | samples | parent | toxicity prob. | exp. max toxicity | mean toxicity | ppl "
@@ -267,10 +298,10 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, traffic: dict
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of docs/results.md (or append it)."""
+def write_section(path: Path, title: str, section: str) -> None:
+    """Replace the section headed ``title`` of docs/results.md (or append it)."""
     text = path.read_text() if path.exists() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = (
         pattern.sub(section + "\n", text)
         if pattern.search(text)
@@ -307,9 +338,9 @@ def main() -> None:
         report = {"traffic": traffic, "jobs": jobs, "args": vars(args)}
         run_file.write_text(json.dumps(report, indent=2, default=str))  # before the evaluation
     report["versions"] = rows = evaluate_versions(args)
-    plot(rows, args.plot)
+    plot(rows, args.plot, args.title, output_name(args.reward))
     section = markdown(rows, args, report["traffic"])
-    write_section(args.results, section)
+    write_section(args.results, args.section, section)
     run_file.write_text(json.dumps(report, indent=2, default=str))
     print(section)
 
