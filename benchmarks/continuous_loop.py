@@ -13,12 +13,13 @@
 3. Stops traffic, lets a running job finish (``--drain-min``), stops everything, then
    evaluates every stored version with ``quark eval`` (two at a time, one core each) on
    the first ``--dev-prompts`` toxic prompts of ``--dev``: top-token completions (ACFT:
-   no token), top-p
-   0.9, 20 tokens, seed 0, the judges ``quark eval`` reports (``toxicity:judge`` first),
-   ``--samples`` per prompt for v0000 and the last version, ``--plot-samples`` for the
-   versions between; then ``quark compare`` pairs the last version with v0000.
+   no token), top-p 0.9, 20 tokens, seed 0, the judges ``quark eval`` reports
+   (``toxicity:judge`` first), ``--samples`` per prompt for v0000 and the last version,
+   ``--plot-samples`` for the versions between; then ``quark compare`` pairs the last
+   version with v0000.
 4. Writes ``<out>/continuous.json``, ``<out>/eval/``, a PNG plot, and the table + plot into
-   ``docs/results.md`` under its own section. ``--eval-only`` redoes 3-4 for a finished run.
+   ``docs/results.md`` under its own section, between markers (a rerun replaces them and
+   keeps the section's hand-written text). ``--eval-only`` redoes 3-4 for a finished run.
 
 Usage (30 minutes of traffic, then ~25 minutes of evaluation on 2 CPU cores)::
 
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +51,38 @@ sys.path.insert(0, str(ROOT))
 
 from testkit.stack import Stack, service_env  # noqa: E402  (server/worker/beat processes)
 
-# Per objective: the docs section this benchmark owns, the plot, the output it serves and
-# evaluates (the request's ``reward``, quark eval's ``--reward``), and the plot's title.
+
+@dataclass(frozen=True)
+class Objective:
+    """What one objective's run serves, evaluates and writes."""
+
+    section: str  # the docs/results.md section this benchmark owns
+    plot: str  # the PNG under docs/
+    reward: str | None  # the request's ``reward`` and quark eval's ``--reward``; None: no token
+    title: str  # the plot's
+
+    @property
+    def request_fields(self) -> dict[str, str]:
+        return {} if self.reward is None else {"reward": self.reward}
+
+    @property
+    def eval_reward(self) -> str:
+        return self.reward or "none"
+
+    @property
+    def output(self) -> str:
+        return "no token" if self.reward is None else f"{self.reward} token"
+
+    @property
+    def request_text(self) -> str:
+        return "no `reward`" if self.reward is None else f"`reward={self.reward}`"
+
+
 OBJECTIVES = {
-    "quark": ("## Continuous unlearning with the default settings (issue 12)",
-              "continuous_toxicity_defaults.png", "top", "Continuous Quark"),
-    "acft": ("## Continuous ACFT (issue 10)", "continuous_toxicity_acft.png", "none",
-             "Continuous ACFT"),
+    "quark": Objective("## Continuous unlearning with the default settings (issue 12)",
+                       "continuous_toxicity_defaults.png", "top", "Continuous Quark"),
+    "acft": Objective("## Continuous ACFT (issue 10)", "continuous_toxicity_acft.png", None,
+                      "Continuous ACFT"),
 }  # fmt: skip
 SHARED = ROOT.parent / "shared" / "data" / "rtp"
 
@@ -87,8 +114,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=ROOT / "docs" / "results.md")
     p.add_argument("--plot", type=Path, help="default: the objective's PNG under docs/")
     args = p.parse_args()
-    args.section, plot, args.reward, args.title = OBJECTIVES[args.objective]
-    args.plot = args.plot or ROOT / "docs" / plot
+    args.goal = OBJECTIVES[args.objective]
+    args.plot = args.plot or ROOT / "docs" / args.goal.plot
     return args
 
 
@@ -118,16 +145,18 @@ def start_stack(args: argparse.Namespace) -> Stack:
 
 
 def replay(
-    url: str, prompts: list[str], reward: str, stop: threading.Event, seen: list[dict[str, Any]]
+    url: str,
+    prompts: list[str],
+    fields: dict[str, str],
+    stop: threading.Event,
+    seen: list[dict[str, Any]],
 ) -> None:
-    """One closed-loop client: RTP train prompts with ``reward`` (none: no reward field),
-    logged to the pool."""
+    """One closed-loop client: RTP train prompts with the request ``fields``, logged to the
+    pool."""
     rng = random.Random(len(seen))
     with httpx.Client(base_url=url, timeout=300) as http:
         while not stop.is_set():
-            body: dict[str, Any] = {"prompt": rng.choice(prompts), "top_p": 0.9}
-            if reward != "none":
-                body["reward"] = reward
+            body = {"prompt": rng.choice(prompts), "top_p": 0.9, **fields}
             try:
                 r = http.post("/generate", json=body)
                 version = r.json().get("model_version") if r.is_success else None
@@ -141,7 +170,8 @@ def run_traffic(stack: Stack, args: argparse.Namespace) -> list[dict[str, Any]]:
 
     prompts = [p.text for p in load_prompts(args.train)]
     stop, seen = threading.Event(), []  # type: ignore[var-annotated]
-    threads = [threading.Thread(target=replay, args=(stack.url, prompts, args.reward, stop, seen))
+    fields = args.goal.request_fields
+    threads = [threading.Thread(target=replay, args=(stack.url, prompts, fields, stop, seen))
                for _ in range(args.clients)]  # fmt: skip
     for thread in threads:
         thread.start()
@@ -172,7 +202,7 @@ def drain(stack: Stack, minutes: float) -> list[dict[str, Any]]:
 def quark_eval(
     args: argparse.Namespace, version: str, samples: int, core: int
 ) -> subprocess.Popen[bytes]:
-    """``quark eval`` of one stored version's output (``args.reward``), one torch thread
+    """``quark eval`` of one stored version's output (``args.goal``), one torch thread
     pinned to ``core``."""
     target = args.out / "eval" / f"{version}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +210,7 @@ def quark_eval(
         "taskset", "-c", str(core), sys.executable, "-m", "quark.cli", "eval",
         "--model", str(args.out / "data" / "models" / version), "--reference", args.model,
         "--prompts", str(args.dev), "--split", "toxic", "--limit", str(args.dev_prompts),
-        "--samples", str(samples), "--reward", args.reward, "--json", str(target),
+        "--samples", str(samples), "--reward", args.goal.eval_reward, "--json", str(target),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     log = (args.out / "eval" / f"{version}.log").open("wb")
@@ -267,19 +297,13 @@ def _cell(row: dict[str, Any], metric: str, fmt: str = ".3f") -> str:
     return f"{c['value']:{fmt}} [{c['low']:{fmt}}, {c['high']:{fmt}}]"
 
 
-def output_name(reward: str) -> str:
-    return "no token" if reward == "none" else f"{reward} token"
-
-
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, traffic: dict[str, Any]) -> str:
-    request = "no `reward`" if args.reward == "none" else f"`reward={args.reward}`"
     lines = [
-        args.section, "",
         f"`benchmarks/continuous_loop.py --minutes {args.minutes:g} --objective "
         f"{args.objective}`: {traffic['requests']} requests replayed from RTP train with "
-        f"{request} ({traffic['failed']} failed), continuous mode (a job every "
+        f"{args.goal.request_text} ({traffic['failed']} failed), continuous mode (a job every "
         f"{args.interval_min:g} min or {args.min_new} new scored records), every unlearn and "
-        f"gate setting at its default. Evaluation: {output_name(args.reward)}, "
+        f"gate setting at its default. Evaluation: {args.goal.output}, "
         f"{args.dev_prompts} toxic RTP dev prompts (top-p 0.9, 20 tokens, seed 0), judge "
         f"`toxicity:judge`; samples per prompt in the second column.", "",
         "| version | samples | parent | toxicity prob. | exp. max toxicity | mean toxicity | ppl "
@@ -298,16 +322,20 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, traffic: dict
     return "\n".join(lines)
 
 
-def write_section(path: Path, title: str, section: str) -> None:
-    """Replace the section headed ``title`` of docs/results.md (or append it)."""
+def write_section(path: Path, title: str, block: str) -> None:
+    """Put ``block`` (the generated table and plot) under ``title`` in docs/results.md,
+    between markers, so a rerun replaces it and leaves the section's hand-written text."""
+    begin, end = f"<!-- generated: {title} -->", f"<!-- end generated: {title} -->"
+    marked = f"{begin}\n{block.strip()}\n{end}"
     text = path.read_text() if path.exists() else "# Results\n"
-    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(section + "\n", text)
-        if pattern.search(text)
-        else f"{text.rstrip()}\n\n{section}\n"
-    )
-    path.write_text(text)  # fmt: skip
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + marked + text[text.index(end) + len(end) :]
+    elif re.search(rf"^{re.escape(title)}$", text, re.M):
+        text = re.sub(rf"^{re.escape(title)}\n", lambda m: f"{m.group(0)}\n{marked}\n", text,
+                      count=1, flags=re.M)  # fmt: skip
+    else:
+        text = f"{text.rstrip()}\n\n{title}\n\n{marked}\n"
+    path.write_text(text)
 
 
 def _drop_keys(env: dict[str, str]) -> None:
@@ -338,11 +366,11 @@ def main() -> None:
         report = {"traffic": traffic, "jobs": jobs, "args": vars(args)}
         run_file.write_text(json.dumps(report, indent=2, default=str))  # before the evaluation
     report["versions"] = rows = evaluate_versions(args)
-    plot(rows, args.plot, args.title, output_name(args.reward))
-    section = markdown(rows, args, report["traffic"])
-    write_section(args.results, args.section, section)
+    plot(rows, args.plot, args.goal.title, args.goal.output)
+    block = markdown(rows, args, report["traffic"])
+    write_section(args.results, args.goal.section, block)
     run_file.write_text(json.dumps(report, indent=2, default=str))
-    print(section)
+    print(block)
 
 
 if __name__ == "__main__":
