@@ -121,7 +121,12 @@ class QuarkConfig(Params):
     )
     steps: int = param(100, "Training steps (of one job, or of a `quark train` run).", ge=1)
     batch_size: int = param(8, "Quantized pool samples per training step.", ge=1, le=4096)
-    lr: float = param(8.5e-5, "AdamW learning rate after warmup (paper: 1e-5 for GPT2-L).", gt=0)
+    lr: float = param(
+        8.5e-5,
+        "AdamW learning rate after warmup (paper: 1e-5 for GPT2-L; 8.5e-5 over three seeds: "
+        "docs/results.md, ablation 9).",
+        gt=0,
+    )
     warmup_steps: int = param(10, "Linear learning-rate warmup steps.", ge=0)
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
     max_grad_norm: float = param(1.0, "Gradient clipping norm.", gt=0)
