@@ -4,9 +4,12 @@ and the real Redis (at REDIS_URL; `make test` starts one when none answers)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import redis
@@ -98,3 +101,19 @@ def _logit_bias(
 def logit_bias() -> LogitBias:
     """``with logit_bias(model_or_models, {token_id: value}):`` biases the LM head's logits."""
     return _logit_bias
+
+
+def _load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while they are built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def load_benchmark() -> Callable[[str], ModuleType]:
+    return _load_benchmark

@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
 
+Loader = Callable[[str], ModuleType]
 TITLE = "## Continuous unlearning with the default settings (issue 12)"
 
 
-def _continuous_loop() -> Any:
-    path = Path(__file__).parents[2] / "benchmarks" / "continuous_loop.py"
-    spec = importlib.util.spec_from_file_location("continuous_loop", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while they are built
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_rerun_replaces_only_the_generated_block(tmp_path: Path) -> None:
-    loop = _continuous_loop()
+def test_rerun_replaces_only_the_generated_block(tmp_path: Path, load_benchmark: Loader) -> None:
+    loop = load_benchmark("continuous_loop")
     results = tmp_path / "results.md"
     hand_written = "Hand-written intro.\n\n### Notes\nKept.\n\n## Next\n"
     results.write_text(f"# Results\n\n{TITLE}\n\n{hand_written}")
@@ -35,8 +25,8 @@ def test_rerun_replaces_only_the_generated_block(tmp_path: Path) -> None:
     assert "### Notes\nKept." in second and second.endswith("## Next\n")
 
 
-def test_a_missing_section_is_appended(tmp_path: Path) -> None:
-    loop = _continuous_loop()
+def test_a_missing_section_is_appended(tmp_path: Path, load_benchmark: Loader) -> None:
+    loop = load_benchmark("continuous_loop")
     results = tmp_path / "results.md"
     results.write_text("# Results\n\n## Other\ntext\n")
     loop.write_section(results, TITLE, "| table |")
@@ -45,8 +35,8 @@ def test_a_missing_section_is_appended(tmp_path: Path) -> None:
     assert text.rstrip().endswith(f"<!-- end generated: {TITLE} -->")
 
 
-def test_objectives_request_and_evaluate_the_same_output() -> None:
-    objectives = _continuous_loop().OBJECTIVES
+def test_objectives_request_and_evaluate_the_same_output(load_benchmark: Loader) -> None:
+    objectives = load_benchmark("continuous_loop").OBJECTIVES
     quark, acft = objectives["quark"], objectives["acft"]
     assert quark.request_fields == {"reward": "top"}
     assert (quark.eval_reward, quark.output) == ("top", "top token")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -290,17 +290,10 @@ def test_eval_rejects_bad_judges(
     assert "--judge applies to --task toxicity" in capsys.readouterr().err
 
 
-def _rtp_report() -> Any:
-    path = Path(__file__).parents[2] / "benchmarks" / "rtp_report.py"
-    spec = importlib.util.spec_from_file_location("rtp_report", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_rtp_report_reads_old_and_new_eval_json(tmp_path: Path) -> None:
-    report = _rtp_report()
+def test_rtp_report_reads_old_and_new_eval_json(
+    tmp_path: Path, load_benchmark: Callable[[str], ModuleType]
+) -> None:
+    report = load_benchmark("rtp_report")
     old = {"prompts": 50, "samples": 25, "perplexity": 18.93, "dist-1": 0.6, "dist-2": 0.9,
            "dist-3": 0.99, "expected_max_toxicity": 0.651, "toxicity_probability": 0.6}  # fmt: skip
     new = {**old, "judge": "profanity", "metrics": {
