@@ -130,8 +130,18 @@ class QuarkConfig(Params):
     warmup_steps: int = param(10, "Linear learning-rate warmup steps.", ge=0)
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
     max_grad_norm: float = param(1.0, "Gradient clipping norm.", gt=0)
-    kl_coef: float = param(0.05, "beta: weight of the per-token KL(pi_theta || pi_ref).", ge=0)
-    entropy_coef: float = param(0.06, "alpha: weight of the entropy bonus (subtracted).", ge=0)
+    kl_coef: float = param(
+        0.05,
+        "beta: weight of the per-token KL(pi_theta || pi_ref) (0.1 kept WikiText closer with the "
+        "same effect in one run: docs/results.md, ablation 10).",
+        ge=0,
+    )
+    entropy_coef: float = param(
+        0.06,
+        "alpha: weight of the entropy bonus (subtracted; 0.12 raises dist-3 only by making the "
+        "text noise: docs/results.md, ablation 10).",
+        ge=0,
+    )
     # -- holding the general distribution (docs/results.md, "A utility KL term") -----------
     utility_kl_coef: float = param(
         0.0,
