@@ -170,7 +170,8 @@ class QuarkConfig(Params):
         25,
         "Explore again (top reward token) every N steps. 25, not 50: the best quantile is "
         "refreshed twice as often, so it is memorised less (the same detox effect with dist-3 "
-        "0.945 against 0.902, docs/results.md, ablation 7).",
+        "0.945 against 0.902, docs/results.md, ablation 7); 15 is more diverse still but its "
+        "completions are more perplexing and the effect smaller (ablation 11).",
         ge=1,
     )
     samples_per_prompt: int = param(1, "Completions per prompt in each exploration round.", ge=1)
