@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from quark.evaluation import completion_nll
-from quark.models import QuarkModel, load_model
+from quark.evaluation import perplexity
+from quark.models import load_model
 
 
 def parse_args() -> argparse.Namespace:
@@ -38,18 +37,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the table here as JSON")
     return p.parse_args()
-
-
-def group_perplexity(
-    reference: QuarkModel, records: list[dict[str, Any]], max_prompt_tokens: int
-) -> float:
-    pairs = completion_nll(
-        reference,
-        [r["prompt"] for r in records],
-        [r["completion"] for r in records],
-        max_prompt_tokens=max_prompt_tokens,
-    )
-    return math.exp(sum(nll for nll, _ in pairs) / max(sum(n for _, n in pairs), 1))
 
 
 def groups(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -74,7 +61,10 @@ def main() -> None:
         row: dict[str, Any] = {"pool": len(records)}
         for name, group in groups(records).items():
             chosen = rng.sample(group, min(args.count, len(group)))
-            row[name] = group_perplexity(reference, chosen, args.max_prompt_tokens)
+            prompts, completions = [r["prompt"] for r in chosen], [r["completion"] for r in chosen]
+            row[name] = perplexity(
+                reference, prompts, completions, max_prompt_tokens=args.max_prompt_tokens
+            )
         table[str(model_dir)] = row
         print(model_dir, {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()})
     if args.json:
