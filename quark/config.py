@@ -174,6 +174,14 @@ class QuarkConfig(Params):
         "completions are more perplexing and the effect smaller (ablation 11).",
         ge=1,
     )
+    round_epochs: int = param(
+        0,
+        "Explore early once a round has made N passes over its training samples (0 = off: "
+        "every sample_interval steps only). With 1, no sample is trained on twice between two "
+        "exploration rounds, so the first rounds' small best quantile is not memorised "
+        "(docs/results.md, ablation 12).",
+        ge=0,
+    )
     samples_per_prompt: int = param(1, "Completions per prompt in each exploration round.", ge=1)
     response_length: int = param(20, "Maximum new tokens per sampled completion.", ge=1, le=512)
     max_prompt_tokens: int = param(

@@ -2,15 +2,17 @@
 
 ``auto`` is bfloat16 on CUDA and on a CPU with native bf16 arithmetic (x86 ``avx512_bf16``
 or ``amx_bf16``, Arm ``bf16``), else float32: on a CPU without it, bf16 matmuls are
-emulated and run slower than float32. Training does not use this: it keeps float32
-weights (``quark train`` and the worker load models in float32).
+emulated and run slower than float32. Training keeps float32 weights (``quark train`` and
+the worker load models in float32) and runs its forwards under bf16 autocast where ``auto``
+finds native bf16 (``bf16_autocast``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: the settings import this module
     import torch
@@ -74,3 +76,22 @@ def resolve_dtype(
     dtype = getattr(torch, key)
     assert isinstance(dtype, torch.dtype)
     return dtype
+
+
+def training_autocast(enabled: bool) -> AbstractContextManager[Any]:
+    """The context a training forward runs in: CPU bf16 autocast when ``enabled``."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def bf16_autocast(precision: str, device: torch.device | str, native: bool | None = None) -> bool:
+    """Whether training forwards run under CPU bf16 autocast: ``precision`` 'bfloat16' on a
+    CPU model, or 'auto' on a CPU with native bf16 (``native``; None = detect it)."""
+    import torch
+
+    if torch.device(device).type != "cpu" or precision == "float32":
+        return False
+    if precision == "bfloat16":
+        return True
+    return cpu_has_native_bf16() if native is None else native

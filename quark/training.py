@@ -23,7 +23,7 @@ from quark.lora import adapter_state, add_lora, freeze_lower_layers, load_adapte
 from quark.loss import LossStats, quark_loss, reference_kl, restrict_vocab
 from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import InMemoryPool, PoolRecord, QuantizedSample, quantile_stats, quantize
-from quark.precision import cpu_has_native_bf16
+from quark.precision import bf16_autocast, training_autocast
 from quark.reference_cache import ReferenceCache
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
@@ -94,6 +94,7 @@ class QuarkTrainer:
             linear_warmup_decay(config.effective_warmup(), config.steps),
         )
         self._epoch: list[QuantizedSample] = []
+        self._round_epochs = 0  # passes over the trained quantiles since the last exploration
         self._listener: Callable[[dict[str, Any]], None] = _ignore
         self.reference_cache = ReferenceCache(config.reference_cache_mb * 2**20)
 
@@ -124,6 +125,7 @@ class QuarkTrainer:
         ]
         self.pool.add(records)
         self._epoch = []  # the pool changed: re-quantize before the next batch
+        self._round_epochs = 0
         mean_reward = sum(rewards) / len(rewards)
         self._log(
             {
@@ -172,6 +174,7 @@ class QuarkTrainer:
             )
             trained = [s for s in samples if s.quantile in self._trained_quantiles()]
             self._epoch = self.rng.sample(trained, len(trained))
+            self._round_epochs += 1
         batch, self._epoch = self._epoch[:size], self._epoch[size:]
         return batch
 
@@ -267,8 +270,9 @@ class QuarkTrainer:
         on_event: Callable[[dict[str, Any]], None] = _ignore,
     ) -> None:
         """The Quark loop, for ``quark train`` and every online job: ``steps`` more steps,
-        exploring every ``sample_interval`` steps (round 0 without a reward token when the
-        pool is empty, then with the top token).
+        exploring every ``sample_interval`` steps, or earlier once a round has made
+        ``round_epochs`` passes (round 0 without a reward token when the pool is empty, then
+        with the top token).
 
         ``should_stop`` is asked before every step: True ends the run early (a time budget);
         it may also raise to abort (a cancelled job), leaving the trainer as it was after the
@@ -300,7 +304,16 @@ class QuarkTrainer:
                     "explore_prompts >= 1 (--explore-prompts)"
                 )
             return True
-        return bool(self.config.explore_prompts) and self.step % self.config.sample_interval == 0
+        cfg = self.config
+        return bool(cfg.explore_prompts) and (
+            self.step % cfg.sample_interval == 0 or self._round_passes_done()
+        )
+
+    def _round_passes_done(self) -> bool:
+        """``round_epochs`` passes made this round and the last one used up (no full batch
+        left): the next batch would repeat a sample the model has already seen this round."""
+        cap = self.config.round_epochs
+        return bool(cap) and self._round_epochs >= cap and len(self._epoch) < self.config.batch_size
 
     def _timed_step(self) -> LossStats:
         started = time.perf_counter()
@@ -347,21 +360,6 @@ class QuarkTrainer:
             lines = pool_file.read_text().splitlines()
             self.pool.add(PoolRecord.from_json(line) for line in lines if line.strip())
         self._epoch = []
-
-
-def training_autocast(enabled: bool) -> AbstractContextManager[Any]:
-    """The context a training forward runs in: CPU bf16 autocast when ``enabled``."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
-def bf16_autocast(precision: str, device: torch.device | str, native: bool | None = None) -> bool:
-    """Whether training forwards run under CPU bf16 autocast: ``precision`` 'bfloat16' on a
-    CPU model, or 'auto' on a CPU with native bf16 (``native``; None = detect it)."""
-    if torch.device(device).type != "cpu" or precision == "float32":
-        return False
-    if precision == "bfloat16":
-        return True
-    return cpu_has_native_bf16() if native is None else native
 
 
 @contextmanager

@@ -28,9 +28,10 @@ from quark.checkpoint import load_loop_state, save_loop_state
 from quark.loss import restrict_vocab
 from quark.models import QuarkModel, embedding_matrix, save_model
 from quark.pool import PoolRecord
+from quark.precision import bf16_autocast, training_autocast
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
-from quark.training import bf16_autocast, linear_warmup_decay, training_autocast
+from quark.training import linear_warmup_decay
 
 HEAD_DIR = "aux_head"
 

@@ -26,8 +26,9 @@ from quark.online.gate import is_held_out, judged_quantile, promotion_gate
 from quark.online.params import UnlearnParams
 from quark.online.scoring import OnlinePool, unique_records
 from quark.pool import PoolRecord
+from quark.precision import bf16_autocast, training_autocast
 from quark.rewards import RewardFn
-from quark.training import QuarkTrainer, bf16_autocast, training_autocast
+from quark.training import QuarkTrainer
 from quark.version_eval import EvalResult, evaluate_version
 
 log = logging.getLogger(__name__)

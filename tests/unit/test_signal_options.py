@@ -14,8 +14,9 @@ import torch
 from quark.config import QuarkConfig
 from quark.models import QuarkModel, add_reward_tokens, embedding_matrix, frozen_copy
 from quark.pool import PoolRecord, QuantizedSample, quantize
+from quark.precision import bf16_autocast
 from quark.rewards import KeywordShareReward
-from quark.training import QuarkTrainer, bf16_autocast, scaled_token_update, weighted_sample
+from quark.training import QuarkTrainer, scaled_token_update, weighted_sample
 from testkit.tiny_model import build_tiny_model
 
 SAMPLES = [

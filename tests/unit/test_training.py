@@ -129,6 +129,28 @@ def test_run_explores_then_trains(tiny_qm: QuarkModel, tmp_path: Path) -> None:
     assert [r.metadata["quantile"] for r in records] == [None] * 8 + [0] * 8
 
 
+@pytest.mark.parametrize(("round_epochs", "explore_steps"), [(0, [0]), (1, [0, 2, 6]), (2, [0, 4])])
+def test_round_epochs_explores_once_a_round_has_made_its_passes(
+    tiny_qm: QuarkModel, tmp_path: Path, round_epochs: int, explore_steps: list[int]
+) -> None:
+    """8 samples per round, all trained, 4 per batch: a pass over round 1's pool takes two
+    steps, over round 2's (16 samples) four. sample_interval 100 never falls due here."""
+    metrics = tmp_path / "metrics.jsonl"
+    config = _config(sample_interval=100, train_quantiles="all", round_epochs=round_epochs)
+    trainer = QuarkTrainer(
+        tiny_qm,
+        frozen_copy(tiny_qm),
+        KeywordShareReward("the"),
+        PROMPTS,
+        config,
+        metrics_path=metrics,
+    )
+    trainer.run(7, progress=False)
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "explore"] == explore_steps
+    assert trainer.step == 7
+
+
 def test_checkpoint_round_trip_and_resume(
     tiny_qm: QuarkModel, tokenizer_cache: Path, tmp_path: Path
 ) -> None:
