@@ -163,7 +163,7 @@ class QuarkTrainer:
     # -- learn -------------------------------------------------------------------------
     def _next_batch(self) -> list[QuantizedSample]:
         size = self.config.batch_size
-        if len(self._epoch) < size:
+        if self._pass_used_up():
             samples = self._quantized()
             self._log(
                 {
@@ -313,7 +313,11 @@ class QuarkTrainer:
         """``round_epochs`` passes made this round and the last one used up (no full batch
         left): the next batch would repeat a sample the model has already seen this round."""
         cap = self.config.round_epochs
-        return bool(cap) and self._round_epochs >= cap and len(self._epoch) < self.config.batch_size
+        return bool(cap) and self._round_epochs >= cap and self._pass_used_up()
+
+    def _pass_used_up(self) -> bool:
+        """No full batch left in this pass: the next batch re-quantizes and starts a new one."""
+        return len(self._epoch) < self.config.batch_size
 
     def _timed_step(self) -> LossStats:
         started = time.perf_counter()
