@@ -27,6 +27,8 @@ import torch
 
 from quark.evaluation import perplexity
 from quark.models import load_model
+from quark.pool import PoolRecord
+from quark.training import POOL_FILE
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,12 +41,12 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def groups(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    rounds = sorted({r["metadata"]["step"] for r in records})
-    by_reward = sorted(records, key=lambda r: -r["reward"])
+def groups(records: list[PoolRecord]) -> dict[str, list[PoolRecord]]:
+    rounds = sorted({r.metadata["step"] for r in records})
+    by_reward = sorted(records, key=lambda r: -(r.reward or 0.0))
     return {
-        "first_round": [r for r in records if r["metadata"]["step"] == rounds[0]],
-        "last_two_rounds": [r for r in records if r["metadata"]["step"] in rounds[-2:]],
+        "first_round": [r for r in records if r.metadata["step"] == rounds[0]],
+        "last_two_rounds": [r for r in records if r.metadata["step"] in rounds[-2:]],
         "best_quantile": by_reward[: len(records) // 5],
     }
 
@@ -56,12 +58,12 @@ def main() -> None:
     rng = random.Random(0)
     table: dict[str, dict[str, Any]] = {}
     for model_dir in args.models:
-        with (model_dir / "pool.jsonl").open() as f:
-            records = [json.loads(line) for line in f]
+        lines = (model_dir / POOL_FILE).read_text().splitlines()
+        records = [PoolRecord.from_json(line) for line in lines if line.strip()]
         row: dict[str, Any] = {"pool": len(records)}
         for name, group in groups(records).items():
             chosen = rng.sample(group, min(args.count, len(group)))
-            prompts, completions = [r["prompt"] for r in chosen], [r["completion"] for r in chosen]
+            prompts, completions = [r.prompt for r in chosen], [r.completion for r in chosen]
             row[name] = perplexity(
                 reference, prompts, completions, max_prompt_tokens=args.max_prompt_tokens
             )
