@@ -1,13 +1,14 @@
 """Does ``torch.compile`` of the decode step pay on this CPU? (issue 11)
 
 Loads the default model (or ``--model``) in ``--dtype`` and decodes the same rows with the
-server's decoder (``app.decoding.DecodeBatch``) twice: with the model as loaded (eager) and
-with ``torch.compile(model, dynamic=True)`` (inductor, default mode). For each batch size
-it reports the eager and compiled decode speed (tokens/s of the decode steps alone, median
-of ``--repeats`` rounds of ``--steps`` steps, rows sampled at temperature 1 with EOS never
-stopping a row), the wall time of the compiled model's first prefill and first decode step
-(compilation: what the first request would wait if the server compiled on the request path),
-and how many times dynamo compiled (a recompile per new shape would show here).
+server's decoder (``app.decoding.make_batch``, as ``benchmarks/dtype_agreement.py`` times
+it) twice: with the model as loaded (eager) and with ``torch.compile(model, dynamic=True)``
+(inductor, default mode). For each batch size it reports the eager and compiled decode
+speed (tokens/s of the decode steps alone, median of ``--repeats`` rounds of ``--steps``
+steps, rows sampled at temperature 1 with EOS never stopping a row), the wall time of the
+compiled model's first prefill and first decode step (compilation: what the first request
+would wait if the server compiled on the request path), and how many times dynamo compiled
+(a recompile per new shape would show here).
 
 Usage: ``python benchmarks/compile_probe.py [--batch 1 4] [--steps 20] [--threads 1]
 [--json out.json]``. One thread; timings on a shared machine are noisy: compare the two
@@ -29,10 +30,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.decoding import DecodeBatch, Row, RowSampling  # noqa: E402
-from benchmarks.dtype_agreement import prompt_ids  # noqa: E402
+from benchmarks.dtype_agreement import prompt_ids, speed_decoder, speed_rows  # noqa: E402
 from benchmarks.engine_choice import load_prompts  # noqa: E402
-from quark.models import load_model  # noqa: E402
+from quark.models import QuarkModel, load_model  # noqa: E402
 from quark.precision import resolve_dtype  # noqa: E402
 
 
@@ -48,17 +48,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def rows_for(ids: list[list[int]], batch: int, steps: int) -> list[Row]:
-    # max_new_tokens > steps so no row finishes inside a round.
-    sampling = [RowSampling(steps + 2, temperature=1.0, seed=i) for i in range(batch)]
-    return [Row(list(ids[i % len(ids)]), sampling[i]) for i in range(batch)]
-
-
-def decode_round(model: torch.nn.Module, rows: list[Row], steps: int) -> dict[str, float]:
-    """Prefill ``rows`` and time ``steps`` decode steps: first step and steady tokens/s."""
-    batch = DecodeBatch(model, pad_id=0, eos_ids=())  # type: ignore[arg-type]
+def decode_round(
+    qm: QuarkModel, model: torch.nn.Module, ids: list[list[int]], rows: int, steps: int
+) -> dict[str, float]:
+    """Prefill ``rows`` rows and time ``steps`` decode steps of ``model`` (``qm.model`` or its
+    compiled wrapper): prefill, first step and steady tokens/s."""
+    batch = speed_decoder(qm, model)
     started = time.perf_counter()
-    batch.add(rows)
+    batch.add(speed_rows(ids, rows, steps + 2))  # no row finishes inside the round
     prefill = time.perf_counter() - started
     started = time.perf_counter()
     batch.step()
@@ -70,7 +67,7 @@ def decode_round(model: torch.nn.Module, rows: list[Row], steps: int) -> dict[st
     return {
         "prefill_s": prefill,
         "first_step_s": first_step,
-        "tokens_per_s": len(rows) * (steps - 1) / steady,
+        "tokens_per_s": rows * (steps - 1) / steady,
     }
 
 
@@ -91,13 +88,9 @@ def main() -> None:
     for batch in args.batch:
         row: dict[str, Any] = {}
         graphs_before = compile_count()
-        cold = decode_round(compiled, rows_for(ids, batch, args.steps), args.steps)
-        row["compiled_cold"] = cold
+        row["compiled_cold"] = decode_round(qm, compiled, ids, batch, args.steps)
         for name, model in (("eager", eager), ("compiled", compiled)):
-            rounds = [
-                decode_round(model, rows_for(ids, batch, args.steps), args.steps)
-                for _ in range(args.repeats)
-            ]
+            rounds = [decode_round(qm, model, ids, batch, args.steps) for _ in range(args.repeats)]
             row[name] = statistics.median(r["tokens_per_s"] for r in rounds)
             row[f"{name}_prefill_s"] = statistics.median(r["prefill_s"] for r in rounds)
         row["graphs_compiled"] = compile_count() - graphs_before

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from app.decoding import Row, RowSampling, decode, make_batch  # noqa: E402
+from app.decoding import DecodeBatch, Row, RowSampling, decode, make_batch  # noqa: E402
 from benchmarks.engine_choice import load_prompts  # noqa: E402
 from quark.models import QuarkModel, load_model  # noqa: E402
 from quark.quantize import quantize_linears  # noqa: E402
@@ -98,14 +98,28 @@ def distribution_agreement(
     }
 
 
+def speed_rows(prompts: list[list[int]], batch: int, new_tokens: int) -> list[Row]:
+    """``batch`` rows cycling over ``prompts``, sampled at temperature 1, seeds 0.."""
+    return [
+        Row(list(prompts[i % len(prompts)]), RowSampling(new_tokens, seed=i)) for i in range(batch)
+    ]
+
+
+def speed_decoder(qm: QuarkModel, model: torch.nn.Module | None = None) -> DecodeBatch:
+    """The server's decoder for ``qm`` (running ``model`` instead of ``qm.model`` if given)
+    with EOS ignored: every row runs every step, a constant batch size."""
+    decoder = make_batch(qm)
+    if model is not None:
+        # A compiled wrapper of qm.model: an nn.Module that answers like the model.
+        decoder.model = model  # type: ignore[assignment]
+    decoder.eos = set()
+    return decoder
+
+
 def decode_rate(qm: QuarkModel, prompts: list[list[int]], batch: int, steps: int) -> float:
     """Tokens/s of ``steps`` decode steps of ``batch`` rows (prefill not timed)."""
-    rows = [
-        Row(list(prompts[i % len(prompts)]), RowSampling(steps + 1, seed=i)) for i in range(batch)
-    ]
-    decoder = make_batch(qm)
-    decoder.eos = set()  # every row runs every step: a constant batch size
-    decoder.add(rows)
+    decoder = speed_decoder(qm)
+    decoder.add(speed_rows(prompts, batch, steps + 1))
     start = time.perf_counter()
     for _ in range(steps):
         decoder.step()

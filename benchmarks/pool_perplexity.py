@@ -28,7 +28,7 @@ import torch
 from quark.evaluation import perplexity
 from quark.models import load_model
 from quark.pool import PoolRecord
-from quark.training import POOL_FILE
+from quark.training import read_pool
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,8 +58,7 @@ def main() -> None:
     rng = random.Random(0)
     table: dict[str, dict[str, Any]] = {}
     for model_dir in args.models:
-        lines = (model_dir / POOL_FILE).read_text().splitlines()
-        records = [PoolRecord.from_json(line) for line in lines if line.strip()]
+        records = read_pool(model_dir)
         row: dict[str, Any] = {"pool": len(records)}
         for name, group in groups(records).items():
             chosen = rng.sample(group, min(args.count, len(group)))

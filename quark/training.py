@@ -359,11 +359,16 @@ class QuarkTrainer:
         self.step = load_loop_state(directory, self.optimizer, self.scheduler, self.rng)
         if self.config.lora_rank:
             load_adapter_state(self.qm.model, load_file(str(directory / ADAPTERS_FILE)))
-        pool_file = directory / POOL_FILE
-        if pool_file.exists():
-            lines = pool_file.read_text().splitlines()
-            self.pool.add(PoolRecord.from_json(line) for line in lines if line.strip())
+        self.pool.add(read_pool(directory))
         self._epoch = []
+
+
+def read_pool(directory: Path) -> list[PoolRecord]:
+    """The pool ``QuarkTrainer.save_checkpoint`` wrote into ``directory`` (none: empty)."""
+    path = directory / POOL_FILE
+    if not path.exists():
+        return []
+    return [PoolRecord.from_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @contextmanager
