@@ -28,7 +28,7 @@ import torch
 from quark.evaluation import perplexity
 from quark.models import load_model
 from quark.pool import PoolRecord
-from quark.training import read_pool
+from quark.training import POOL_FILE, read_pool
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,12 +53,15 @@ def groups(records: list[PoolRecord]) -> dict[str, list[PoolRecord]]:
 
 def main() -> None:
     args = parse_args()
+    pools = {model_dir: read_pool(model_dir) for model_dir in args.models}
+    for model_dir, records in pools.items():
+        if not records:
+            raise SystemExit(f"{model_dir}: no {POOL_FILE}; give `quark train --out` model dirs")
     torch.set_num_threads(args.threads)
     reference = load_model()
     rng = random.Random(0)
     table: dict[str, dict[str, Any]] = {}
-    for model_dir in args.models:
-        records = read_pool(model_dir)
+    for model_dir, records in pools.items():
         row: dict[str, Any] = {"pool": len(records)}
         for name, group in groups(records).items():
             chosen = rng.sample(group, min(args.count, len(group)))
