@@ -105,9 +105,11 @@ class Spool:
         """Up to ``limit`` of the oldest uncommitted lines (from one segment)."""
         if not len(self):
             return []
-        path, _ = self._segments[0]
+        path, count = self._segments[0]
         with path.open(encoding="utf-8") as handle:
-            lines = handle.read().splitlines()
+            # Split on "\n" alone: str.splitlines also breaks at U+2028, U+0085 and other
+            # characters a JSON line written with ensure_ascii=False may hold raw.
+            lines = handle.read().split("\n")[:count]
         return lines[self._offset : self._offset + limit]
 
     def commit(self, count: int) -> None:

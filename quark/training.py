@@ -368,7 +368,9 @@ def read_pool(directory: Path) -> list[PoolRecord]:
     path = directory / POOL_FILE
     if not path.exists():
         return []
-    return [PoolRecord.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+    # "\n" alone: str.splitlines also breaks at U+2028 and U+0085, which to_json leaves raw
+    lines = path.read_text(encoding="utf-8").split("\n")
+    return [PoolRecord.from_json(line) for line in lines if line.strip()]
 
 
 @contextmanager

@@ -63,3 +63,13 @@ def test_appends_after_a_full_drain_keep_order(tmp_path: Path) -> None:
     assert _drain(spool) == _lines(0, 2)
     spool.append(_lines(2, 4))
     assert _drain(spool, chunk=10) == _lines(2, 4)
+
+
+def test_a_record_holding_unicode_line_separators_stays_one_record(tmp_path: Path) -> None:
+    # json.dumps(ensure_ascii=False), as pool records are written, leaves U+2028 and U+0085
+    # raw; str.splitlines would cut the record there and shift every later one.
+    records = [json.dumps({"t": "a\u2028b\x85c\u2029d"}, ensure_ascii=False), *_lines(0, 2)]
+    spool = Spool(tmp_path, max_records=100, segment_records=10)
+    spool.append(records)
+    assert spool.peek(10) == records
+    assert _drain(Spool(tmp_path, max_records=100, segment_records=10)) == records

@@ -14,13 +14,14 @@ import torch
 from quark.checkpoint import OPTIMIZER_FILE, STATE_FILE
 from quark.config import QuarkConfig
 from quark.models import QuarkModel, frozen_copy, load_model
-from quark.pool import QuantizedSample
+from quark.pool import PoolRecord, QuantizedSample
 from quark.rewards import KeywordShareReward
 from quark.sampling import SamplingParams, generate
 from quark.training import (
     POOL_FILE,
     QuarkTrainer,
     linear_warmup_decay,
+    read_pool,
 )
 from testkit.tiny_model import build_tiny_model
 
@@ -290,3 +291,13 @@ def test_quark_learns_to_condition_on_the_reward_token(
     assert top_after > bottom_after + 0.1, summary
     assert top_after > untrained + 0.08, summary
     assert top_after > top_before + 0.08, summary
+
+
+def test_read_pool_keeps_a_completion_holding_unicode_line_separators(tmp_path: Path) -> None:
+    # to_json leaves U+2028 / U+0085 raw; a checkpoint's pool must still read back record by
+    # record (str.splitlines would cut this one in two and fail to parse it).
+    records = [PoolRecord("p", "a\u2028b\x85c", 0.5, {}), PoolRecord("q", "d", None, {})]
+    (tmp_path / POOL_FILE).write_text(
+        "".join(r.to_json() + "\n" for r in records), encoding="utf-8"
+    )
+    assert read_pool(tmp_path) == records
