@@ -16,6 +16,7 @@ from quark.acft.config import ObjectiveParams
 from quark.config import TASKS, Params, QuarkConfig
 from quark.eval_commands import DEFAULT_JUDGES, cmd_compare, cmd_eval, reward_quantile
 from quark.precision import DTYPE_CHOICES, QUANTIZATION_CHOICES
+from quark.schedule import TimeBudget
 from quark.service.up import add_commands as add_service_commands
 
 if TYPE_CHECKING:  # the models module imports torch: only commands that need it load it
@@ -76,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     train.add_argument("--max-prompts", type=int, default=None, help="use the first N prompts")
     train.add_argument("--time-budget", type=float, default=None, help="stop after N minutes")
+    train.add_argument(
+        "--lr-decay-to-budget",
+        action="store_true",
+        help="with --time-budget (Quark): decay the learning rate linearly to 0 at the end of "
+        "the budget, as --steps does at its last step; without it the rate stays at --lr",
+    )
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument(
@@ -177,6 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     prompts = [p.text for p in load_prompts(args.prompts, args.max_prompts)]
     reward_fn = build_reward(config.reward or TASK_DEFAULT_REWARD[config.task])
     torch.manual_seed(config.seed)
+    _check_lr_decay_to_budget(args, objective)
     if objective.objective == "acft":
         return _train_acft(args, config, objective, prompts, reward_fn, out)
     utility = _utility_passages(args.utility_text, config)
@@ -200,16 +208,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     if resume:
         trainer.load_state(model_dir)
         log.info("resumed %s at step %d", model_dir, trainer.step)
-    deadline = time.monotonic() + 60 * args.time_budget if args.time_budget else float("inf")
+    budget = _time_budget(args)  # from here: loading the models is not training time
     trainer.run(
         config.steps - trainer.step,
         checkpoint_dir=model_dir,
         checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress,
-        should_stop=lambda: time.monotonic() > deadline,
+        budget=budget,
     )
     print(f"trained {trainer.step} steps; model in {model_dir}; metrics in {out / 'metrics.jsonl'}")
     return 0
+
+
+def _check_lr_decay_to_budget(args: argparse.Namespace, objective: ObjectiveParams) -> None:
+    if args.lr_decay_to_budget and not args.time_budget:
+        raise ValueError("--lr-decay-to-budget needs --time-budget MINUTES")
+    if args.lr_decay_to_budget and objective.objective == "acft":
+        raise ValueError(
+            "--lr-decay-to-budget applies to --objective quark; ACFT decays over --steps"
+        )
+
+
+def _time_budget(args: argparse.Namespace) -> TimeBudget | None:
+    """``--time-budget`` minutes from now (None without one)."""
+    if not args.time_budget:
+        return None
+    return TimeBudget(60 * args.time_budget, decay_lr=args.lr_decay_to_budget)
 
 
 def _utility_passages(path: Path | None, config: QuarkConfig) -> list[str]:
@@ -236,10 +260,10 @@ def _train_acft(
     """``quark train --objective acft``: one ACFT round (quark.acft.offline); no resume."""
     from quark.acft.offline import run_offline
 
-    deadline = time.monotonic() + 60 * args.time_budget if args.time_budget else float("inf")
+    budget = _time_budget(args)
     model = (args.model, args.device)
     run = run_offline(model, config, objective, prompts, reward_fn, out, args.utility_text,
-                      should_stop=lambda: time.monotonic() > deadline)  # fmt: skip
+                      should_stop=budget.expired if budget else lambda: False)  # fmt: skip
     print(f"trained {run} ACFT steps; model in {out / 'model'}; metrics in {out / 'metrics.jsonl'}")
     return 0
 

@@ -27,6 +27,7 @@ from quark.precision import bf16_autocast, training_autocast
 from quark.reference_cache import ReferenceCache
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
+from quark.schedule import TimeBudget, linear_warmup_decay
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +41,6 @@ def _never() -> bool:
 
 def _ignore(_: dict[str, Any]) -> None:
     return None
-
-
-def linear_warmup_decay(warmup: int, total: int) -> Callable[[int], float]:
-    """LR multiplier: linear warmup to 1, then linear decay to 0 at ``total`` (official code)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
 
 
 class QuarkTrainer:
@@ -89,9 +79,10 @@ class QuarkTrainer:
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
+        self._lr_budget: TimeBudget | None = None  # the run's, while its lr decays to it
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
-            linear_warmup_decay(config.effective_warmup(), config.steps),
+            linear_warmup_decay(config.effective_warmup(), config.steps, self._lr_time_left),
         )
         self._epoch: list[QuantizedSample] = []
         self._round_epochs = 0  # passes over the trained quantiles since the last exploration
@@ -268,21 +259,25 @@ class QuarkTrainer:
         progress: bool = False,
         should_stop: Callable[[], bool] = _never,
         on_event: Callable[[dict[str, Any]], None] = _ignore,
+        budget: TimeBudget | None = None,
     ) -> None:
         """The Quark loop, for ``quark train`` and every online job: ``steps`` more steps,
         exploring every ``sample_interval`` steps, or earlier once a round has made
         ``round_epochs`` passes (round 0 without a reward token when the pool is empty, then
         with the top token).
 
-        ``should_stop`` is asked before every step: True ends the run early (a time budget);
-        it may also raise to abort (a cancelled job), leaving the trainer as it was after the
-        last step. ``on_event`` receives every explore and train record as it is logged.
+        ``should_stop`` is asked before every step: True ends the run early; it may also raise
+        to abort (a cancelled job), leaving the trainer as it was after the last step.
+        ``budget`` (``quark train --time-budget``) ends the run at its deadline, and with
+        ``budget.decay_lr`` the learning rate reaches 0 there. ``on_event`` receives every
+        explore and train record as it is logged.
         """
         self._listener = on_event
+        self._lr_budget = budget if budget is not None and budget.decay_lr else None
         bar = tqdm(total=steps, disable=not progress, desc="quark", unit="step")
         end = self.step + steps
         try:
-            while self.step < end and not should_stop():
+            while self.step < end and not should_stop() and not (budget and budget.expired()):
                 if self._explore_due():
                     self.explore(quantile=None if len(self.pool) == 0 else 0)
                 stats = self._timed_step()
@@ -293,8 +288,12 @@ class QuarkTrainer:
         finally:
             bar.close()
             self._listener = _ignore
+            self._lr_budget = None
         if checkpoint_dir:
             self.save_checkpoint(checkpoint_dir)
+
+    def _lr_time_left(self) -> float:
+        return self._lr_budget.left() if self._lr_budget is not None else 1.0
 
     def _explore_due(self) -> bool:
         if len(self.pool) == 0:

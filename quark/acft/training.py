@@ -31,7 +31,7 @@ from quark.pool import PoolRecord
 from quark.precision import bf16_autocast, training_autocast
 from quark.rewards import RewardFn
 from quark.sampling import SamplingParams, generate
-from quark.training import linear_warmup_decay
+from quark.schedule import linear_warmup_decay
 
 HEAD_DIR = "aux_head"
 

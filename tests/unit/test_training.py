@@ -17,12 +17,8 @@ from quark.models import QuarkModel, frozen_copy, load_model
 from quark.pool import PoolRecord, QuantizedSample
 from quark.rewards import KeywordShareReward
 from quark.sampling import SamplingParams, generate
-from quark.training import (
-    POOL_FILE,
-    QuarkTrainer,
-    linear_warmup_decay,
-    read_pool,
-)
+from quark.schedule import TimeBudget
+from quark.training import POOL_FILE, QuarkTrainer, read_pool
 from testkit.tiny_model import build_tiny_model
 
 LogitBias = Callable[..., AbstractContextManager[None]]
@@ -63,13 +59,6 @@ def _config(**overrides: object) -> QuarkConfig:
 
 def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters()}
-
-
-def test_linear_warmup_decay() -> None:
-    factor = linear_warmup_decay(4, 12)
-    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert factor(8) == pytest.approx(0.5)
-    assert factor(12) == 0.0 and factor(20) == 0.0
 
 
 def test_trainer_requires_matching_reward_tokens(tiny_qm: QuarkModel) -> None:
@@ -128,6 +117,44 @@ def test_run_explores_then_trains(tiny_qm: QuarkModel, tmp_path: Path) -> None:
     assert len(trainer.pool) == 16
     records = trainer.pool.records()
     assert [r.metadata["quantile"] for r in records] == [None] * 8 + [0] * 8
+
+
+class StepClock:
+    """A clock that advances ``tick`` seconds each time it is read."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+@pytest.mark.parametrize("decay_lr", [False, True])
+def test_run_stops_at_its_time_budget_and_decays_lr_to_it(
+    tiny_qm: QuarkModel, tmp_path: Path, decay_lr: bool
+) -> None:
+    """A 10 s budget on a clock read once per check and per lr update: it runs out long
+    before the 10_000 steps, and only ``decay_lr`` brings the rate down with it."""
+    metrics = tmp_path / "metrics.jsonl"
+    config = _config(steps=10_000, warmup_steps=0, lr=1e-3)
+    trainer = QuarkTrainer(
+        tiny_qm,
+        frozen_copy(tiny_qm),
+        KeywordShareReward("the"),
+        PROMPTS,
+        config,
+        metrics_path=metrics,
+    )
+    budget = TimeBudget(10.0, decay_lr=decay_lr, clock=StepClock(0.5))
+    trainer.run(10_000, budget=budget)
+    lrs = [e["lr"] for e in map(json.loads, metrics.read_text().splitlines()) if "lr" in e]
+    assert 3 <= trainer.step <= 20 and budget.expired()
+    if decay_lr:
+        assert lrs == sorted(lrs, reverse=True) and lrs[0] < 1e-3 and lrs[-1] < 1e-4
+    else:
+        assert min(lrs) > 0.99e-3
+    assert trainer._lr_time_left() == 1.0  # the next run, without a budget, is step-scheduled
 
 
 @pytest.mark.parametrize(("round_epochs", "explore_steps"), [(0, [0]), (1, [0, 2, 6]), (2, [0, 4])])
