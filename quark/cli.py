@@ -179,12 +179,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     objective = _objective_from_args(args)
+    _check_time_budget(args, objective)
     out = args.out or Path("runs") / f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     model_dir = out / "model"
     prompts = [p.text for p in load_prompts(args.prompts, args.max_prompts)]
     reward_fn = build_reward(config.reward or TASK_DEFAULT_REWARD[config.task])
     torch.manual_seed(config.seed)
-    _check_lr_decay_to_budget(args, objective)
     if objective.objective == "acft":
         return _train_acft(args, config, objective, prompts, reward_fn, out)
     utility = _utility_passages(args.utility_text, config)
@@ -220,7 +220,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_lr_decay_to_budget(args: argparse.Namespace, objective: ObjectiveParams) -> None:
+def _check_time_budget(args: argparse.Namespace, objective: ObjectiveParams) -> None:
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise ValueError(
+            f"--time-budget must be a positive number of minutes, got {args.time_budget}"
+        )
     if args.lr_decay_to_budget and not args.time_budget:
         raise ValueError("--lr-decay-to-budget needs --time-budget MINUTES")
     if args.lr_decay_to_budget and objective.objective == "acft":
@@ -231,7 +235,7 @@ def _check_lr_decay_to_budget(args: argparse.Namespace, objective: ObjectivePara
 
 def _time_budget(args: argparse.Namespace) -> TimeBudget | None:
     """``--time-budget`` minutes from now (None without one)."""
-    if not args.time_budget:
+    if args.time_budget is None:
         return None
     return TimeBudget(60 * args.time_budget, decay_lr=args.lr_decay_to_budget)
 

@@ -37,13 +37,12 @@ class TimeBudget:
     seconds: float
     decay_lr: bool = False
     clock: Callable[[], float] = time.monotonic
-    start: float = field(default=-1.0)
+    start: float = field(init=False)
 
     def __post_init__(self) -> None:
         if self.seconds <= 0:
             raise ValueError(f"a time budget must be positive, got {self.seconds} s")
-        if self.start < 0:
-            self.start = self.clock()
+        self.start = self.clock()
 
     def left(self) -> float:
         """The share of the budget still left: 1 at the start, 0 at and after the deadline."""

@@ -190,6 +190,28 @@ def test_train_utility_kl_needs_a_utility_text(
     assert not (tmp_path / "run").exists()  # refused before loading a model
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lr-decay-to-budget"], "--lr-decay-to-budget needs --time-budget MINUTES"),
+        (["--time-budget", "0"], "--time-budget must be a positive number of minutes"),
+        (["--time-budget", "5", "--lr-decay-to-budget", "--objective", "acft"],
+         "applies to --objective quark"),
+    ],
+)  # fmt: skip
+def test_train_rejects_a_bad_time_budget(
+    prompts_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    flags: list[str],
+    message: str,
+) -> None:
+    argv = ["train", "--prompts", str(prompts_file), "--out", str(tmp_path / "run"), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before loading a model
+
+
 def test_train_with_utility_text_logs_the_utility_kl(
     tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
 ) -> None:
