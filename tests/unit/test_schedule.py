@@ -1,14 +1,7 @@
 import pytest
 
 from quark.schedule import TimeBudget, linear_warmup_decay
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from testkit.clock import FakeClock
 
 
 def test_linear_warmup_decay() -> None:
@@ -29,7 +22,7 @@ def test_linear_warmup_decay_is_capped_by_the_time_left() -> None:
 
 
 def test_time_budget_share_left() -> None:
-    clock = FakeClock()
+    clock = FakeClock(now=100.0)
     budget = TimeBudget(60.0, clock=clock)
     assert budget.left() == 1.0 and not budget.expired()
     clock.now += 15

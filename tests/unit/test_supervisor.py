@@ -15,17 +15,10 @@ from pathlib import Path
 import pytest
 
 from quark.service.supervisor import RestartPolicy, Supervisor
+from testkit.clock import FakeClock
 
 REPO = Path(__file__).resolve().parents[2]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_backoff_doubles_up_to_the_limit_of_restarts_in_the_window() -> None:

@@ -19,6 +19,7 @@ from quark.rewards import KeywordShareReward
 from quark.sampling import SamplingParams, generate
 from quark.schedule import TimeBudget
 from quark.training import POOL_FILE, QuarkTrainer, read_pool
+from testkit.clock import FakeClock
 from testkit.tiny_model import build_tiny_model
 
 LogitBias = Callable[..., AbstractContextManager[None]]
@@ -118,17 +119,6 @@ def test_run_explores_then_trains(tiny_qm: QuarkModel, tmp_path: Path) -> None:
     assert [r.metadata["quantile"] for r in records] == [None] * 8 + [0] * 8
 
 
-class StepClock:
-    """A clock that advances ``tick`` seconds each time it is read."""
-
-    def __init__(self, tick: float) -> None:
-        self.now, self.tick = 0.0, tick
-
-    def __call__(self) -> float:
-        self.now += self.tick
-        return self.now
-
-
 @pytest.mark.parametrize("decay_lr", [False, True])
 def test_run_stops_at_its_time_budget_and_decays_lr_to_it(
     tiny_qm: QuarkModel, tmp_path: Path, decay_lr: bool
@@ -138,7 +128,7 @@ def test_run_stops_at_its_time_budget_and_decays_lr_to_it(
     metrics = tmp_path / "metrics.jsonl"
     config = _config(steps=10_000, warmup_steps=0, lr=1e-3)
     trainer = _trainer(tiny_qm, config, metrics)
-    budget = TimeBudget(10.0, decay_lr=decay_lr, clock=StepClock(0.5))
+    budget = TimeBudget(10.0, decay_lr=decay_lr, clock=FakeClock(tick=0.5))
     trainer.run(10_000, budget=budget)
     lrs = [e["lr"] for e in map(json.loads, metrics.read_text().splitlines()) if "lr" in e]
     assert 3 <= trainer.step <= 20 and budget.expired()
