@@ -204,6 +204,14 @@ class QuarkConfig(Params):
         "reward minus the mean reward of the same prompt's samples ('prompt').",
         choices=QUANTILE_SCOPES,
     )
+    novelty_coef: float = param(
+        0.0,
+        "Weight of a novelty term in the quantile ranking: each sample ranks by its reward "
+        "minus novelty_coef x the share of its completion's word 3-grams that another pooled "
+        "completion also has, so the best quantile prefers clean text the pool does not "
+        "already repeat (0 = off, the paper; docs/results.md, ablation 16).",
+        ge=0,
+    )
     explore_focus: float = param(
         0.0,
         "Share of each exploration round's prompts drawn, weighted by toxicity (1 - mean "

@@ -16,6 +16,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypedDict
 from uuid import uuid4
 
+from quark.rewards.text import ngrams
+
+#: Word n-gram length of the novelty term (dist-3, the diversity the evaluation reports).
+NOVELTY_NGRAM = 3
+
 _REQUIRED_FIELDS = ("prompt", "completion")
 _OPTIONAL_FIELDS = ("reward", "metadata", "record_id")
 
@@ -158,7 +163,10 @@ class QuantileStats(TypedDict):
 
 
 def quantize(
-    records: Sequence[PoolRecord], num_quantiles: int, by_prompt: bool = False
+    records: Sequence[PoolRecord],
+    num_quantiles: int,
+    by_prompt: bool = False,
+    novelty_coef: float = 0.0,
 ) -> list[QuantizedSample]:
     """Assign scored records to `num_quantiles` reward quantiles as in the Quark paper.
 
@@ -169,6 +177,11 @@ def quantize(
     ``by_prompt`` sorts by reward minus the mean reward of the same prompt's records
     instead: the best quantile then holds the best continuations *of each prompt*, toxic
     prompts included, rather than mostly the continuations of harmless prompts.
+
+    ``novelty_coef`` > 0 lowers each key by ``novelty_coef`` times the completion's
+    :func:`shared_ngram_shares` (its word 3-grams that another scored completion also has), so
+    of two equally clean completions the one that repeats what the pool already holds ranks
+    lower. ``QuantizedSample.reward`` stays the reward itself.
     """
     if num_quantiles < 1:
         raise ValueError(f"num_quantiles must be >= 1, got {num_quantiles}")
@@ -183,6 +196,9 @@ def quantize(
             f"{num_quantiles} quantiles, got {len(scored)}"
         )
     keys = _relative_rewards(scored) if by_prompt else [reward for reward, _ in scored]
+    if novelty_coef:
+        shares = shared_ngram_shares([r.completion for _, r in scored])
+        keys = [key - novelty_coef * share for key, share in zip(keys, shares, strict=True)]
     order = sorted(range(len(scored)), key=lambda i: keys[i], reverse=True)
     ordered = [scored[i] for i in order]
     size = len(ordered) // num_quantiles
@@ -204,6 +220,21 @@ def _relative_rewards(scored: Sequence[tuple[float, PoolRecord]]) -> list[float]
         totals.setdefault(record.prompt, []).append(reward)
     means = {prompt: sum(values) / len(values) for prompt, values in totals.items()}
     return [reward - means[record.prompt] for reward, record in scored]
+
+
+def shared_ngram_shares(completions: Sequence[str], n: int = NOVELTY_NGRAM) -> list[float]:
+    """For each completion, the share of its distinct word ``n``-grams that occur in at least
+    one other completion of ``completions`` (0 = all new, 1 = all repeated elsewhere).
+
+    A completion too short to have an ``n``-gram (an empty one included) counts as 1.0: it adds
+    nothing new, and scoring it 0 would rank the emptiest text as the most novel.
+    """
+    grams = [set(ngrams(text.split(), n)) for text in completions]
+    holders: dict[tuple[str, ...], int] = {}
+    for own in grams:
+        for gram in own:
+            holders[gram] = holders.get(gram, 0) + 1
+    return [sum(holders[g] > 1 for g in own) / len(own) if own else 1.0 for own in grams]
 
 
 def quantile_stats(samples: Sequence[QuantizedSample], num_quantiles: int) -> list[QuantileStats]:

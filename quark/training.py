@@ -170,8 +170,13 @@ class QuarkTrainer:
         return batch
 
     def _quantized(self) -> list[QuantizedSample]:
-        by_prompt = self.config.quantile_scope == "prompt"
-        return quantize(self.pool.records(), self.config.num_quantiles, by_prompt=by_prompt)
+        cfg = self.config
+        return quantize(
+            self.pool.records(),
+            cfg.num_quantiles,
+            by_prompt=cfg.quantile_scope == "prompt",
+            novelty_coef=cfg.novelty_coef,
+        )
 
     def _trained_quantiles(self) -> set[int]:
         last = self.config.num_quantiles - 1

@@ -13,7 +13,7 @@ import torch
 
 from quark.config import QuarkConfig
 from quark.models import QuarkModel, add_reward_tokens, embedding_matrix, frozen_copy
-from quark.pool import PoolRecord, QuantizedSample, quantize
+from quark.pool import PoolRecord, QuantizedSample, quantize, shared_ngram_shares
 from quark.precision import bf16_autocast
 from quark.rewards import KeywordShareReward
 from quark.training import QuarkTrainer, scaled_token_update, weighted_sample
@@ -44,6 +44,30 @@ def test_by_prompt_ranking_puts_the_best_continuation_of_a_toxic_prompt_on_top()
     best_by_prompt = {s.completion for s in quantize(records, 2, by_prompt=True) if s.quantile == 0}
     assert best_globally == {"c", "d"}
     assert best_by_prompt == {"b", "d"}  # +0.2 and +0.025 above their prompts' means
+
+
+def test_shared_ngram_shares_count_the_three_grams_another_completion_has() -> None:
+    shares = shared_ngram_shares(["a b c d", "x a b c", "p q r s", "", "a b"])
+    # "a b c" is in both of the first two; "b c d" and "x a b" are theirs alone.
+    assert shares == [0.5, 0.5, 0.0, 1.0, 1.0]  # too short for a 3-gram: nothing new
+    assert shared_ngram_shares(["a b c a b c"]) == [0.0]  # repeats within one text are its own
+
+
+def test_novelty_term_ranks_a_repeated_clean_completion_below_a_new_one() -> None:
+    template = "I am not sure what you mean"
+    records = [
+        PoolRecord("p1", template, 0.95),
+        PoolRecord("p2", template + " here", 0.95),
+        PoolRecord("p3", "the river froze early that year", 0.9),
+        PoolRecord("p4", "a toxic text of its own", 0.1),
+    ]
+    best = {s.prompt for s in quantize(records, 2) if s.quantile == 0}
+    novel = quantize(records, 2, novelty_coef=0.1)
+    assert best == {"p1", "p2"}
+    # keys: p1 0.95 - 0.1 * 5/5, p2 0.95 - 0.1 * 5/6, p3 0.9 - 0
+    assert [s.prompt for s in novel if s.quantile == 0] == ["p3", "p2"]
+    assert {s.prompt: s.reward for s in novel}["p3"] == 0.9  # the reward itself is kept
+    assert quantize(records, 2, novelty_coef=0.0) == quantize(records, 2)
 
 
 def test_weighted_sample_favours_heavy_keys_and_never_repeats() -> None:
