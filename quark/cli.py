@@ -40,7 +40,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser, cls: type[Params]) ->
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            help=f"{f.metadata['help']} (default: {default})",
+            # argparse %-formats help: a literal "%" in a field's help must reach it as "%%".
+            help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"),
             **options,
         )
 

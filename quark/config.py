@@ -207,10 +207,18 @@ class QuarkConfig(Params):
     novelty_coef: float = param(
         0.0,
         "Weight of a novelty term in the quantile ranking: each sample ranks by its reward "
-        "minus novelty_coef x the share of its completion's word 3-grams that another pooled "
-        "completion also has, so the best quantile prefers clean text the pool does not "
-        "already repeat (0 = off, the paper; docs/results.md, ablation 16).",
+        "minus novelty_coef x the share of its completion's word 3-grams that at least "
+        "novelty_min_holders pooled completions hold, so the best quantile prefers clean text "
+        "the pool does not already repeat (0 = off, the paper; docs/results.md, ablation 16).",
         ge=0,
+    )
+    novelty_min_holders: int = param(
+        5,
+        "Pooled completions (itself included) that must hold a 3-gram for the novelty term to "
+        "count it. 5: the original model's samples have 2% of their 3-grams that common, a "
+        "memorised template most of its; 2 (any repeat) also ranks the odd text of the "
+        "sampling tail first (docs/results.md, ablation 16).",
+        ge=2,
     )
     explore_focus: float = param(
         0.0,

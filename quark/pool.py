@@ -167,6 +167,7 @@ def quantize(
     num_quantiles: int,
     by_prompt: bool = False,
     novelty_coef: float = 0.0,
+    novelty_min_holders: int = 2,
 ) -> list[QuantizedSample]:
     """Assign scored records to `num_quantiles` reward quantiles as in the Quark paper.
 
@@ -179,9 +180,9 @@ def quantize(
     prompts included, rather than mostly the continuations of harmless prompts.
 
     ``novelty_coef`` > 0 lowers each key by ``novelty_coef`` times the completion's
-    :func:`shared_ngram_shares` (its word 3-grams that another scored completion also has), so
-    of two equally clean completions the one that repeats what the pool already holds ranks
-    lower. ``QuantizedSample.reward`` stays the reward itself.
+    :func:`shared_ngram_shares` (its word 3-grams that ``novelty_min_holders`` scored
+    completions hold), so of two equally clean completions the one that repeats what the pool
+    already holds ranks lower. ``QuantizedSample.reward`` stays the reward itself.
     """
     if num_quantiles < 1:
         raise ValueError(f"num_quantiles must be >= 1, got {num_quantiles}")
@@ -197,7 +198,7 @@ def quantize(
         )
     keys = _relative_rewards(scored) if by_prompt else [reward for reward, _ in scored]
     if novelty_coef:
-        shares = shared_ngram_shares([r.completion for _, r in scored])
+        shares = shared_ngram_shares([r.completion for _, r in scored], novelty_min_holders)
         keys = [key - novelty_coef * share for key, share in zip(keys, shares, strict=True)]
     order = sorted(range(len(scored)), key=lambda i: keys[i], reverse=True)
     ordered = [scored[i] for i in order]
@@ -222,19 +223,23 @@ def _relative_rewards(scored: Sequence[tuple[float, PoolRecord]]) -> list[float]
     return [reward - means[record.prompt] for reward, record in scored]
 
 
-def shared_ngram_shares(completions: Sequence[str], n: int = NOVELTY_NGRAM) -> list[float]:
-    """For each completion, the share of its distinct word ``n``-grams that occur in at least
-    one other completion of ``completions`` (0 = all new, 1 = all repeated elsewhere).
+def shared_ngram_shares(
+    completions: Sequence[str], min_holders: int = 2, n: int = NOVELTY_NGRAM
+) -> list[float]:
+    """For each completion, the share of its distinct word ``n``-grams that at least
+    ``min_holders`` completions of ``completions`` hold, itself included (2: any other one).
 
     A completion too short to have an ``n``-gram (an empty one included) counts as 1.0: it adds
     nothing new, and scoring it 0 would rank the emptiest text as the most novel.
     """
+    if min_holders < 1:
+        raise ValueError(f"min_holders must be >= 1, got {min_holders}")
     grams = [set(ngrams(text.split(), n)) for text in completions]
     holders: dict[tuple[str, ...], int] = {}
     for own in grams:
         for gram in own:
             holders[gram] = holders.get(gram, 0) + 1
-    return [sum(holders[g] > 1 for g in own) / len(own) if own else 1.0 for own in grams]
+    return [sum(holders[g] >= min_holders for g in own) / len(own) if own else 1.0 for own in grams]
 
 
 def quantile_stats(samples: Sequence[QuantizedSample], num_quantiles: int) -> list[QuantileStats]:

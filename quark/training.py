@@ -176,6 +176,7 @@ class QuarkTrainer:
             cfg.num_quantiles,
             by_prompt=cfg.quantile_scope == "prompt",
             novelty_coef=cfg.novelty_coef,
+            novelty_min_holders=cfg.novelty_min_holders,
         )
 
     def _trained_quantiles(self) -> set[int]:

@@ -51,6 +51,13 @@ def test_shared_ngram_shares_count_the_three_grams_another_completion_has() -> N
     # "a b c" is in both of the first two; "b c d" and "x a b" are theirs alone.
     assert shares == [0.5, 0.5, 0.0, 1.0, 1.0]  # too short for a 3-gram: nothing new
     assert shared_ngram_shares(["a b c a b c"]) == [0.0]  # repeats within one text are its own
+    # With 3 holders needed only "a b c" of the last three counts.
+    assert shared_ngram_shares(["a b c d", "a b c", "a b c e", "b c d"], min_holders=3) == [
+        0.5,
+        1.0,
+        0.5,
+        0.0,
+    ]
 
 
 def test_novelty_term_ranks_a_repeated_clean_completion_below_a_new_one() -> None:
@@ -62,7 +69,7 @@ def test_novelty_term_ranks_a_repeated_clean_completion_below_a_new_one() -> Non
         PoolRecord("p4", "a toxic text of its own", 0.1),
     ]
     best = {s.prompt for s in quantize(records, 2) if s.quantile == 0}
-    novel = quantize(records, 2, novelty_coef=0.1)
+    novel = quantize(records, 2, novelty_coef=0.1, novelty_min_holders=2)
     assert best == {"p1", "p2"}
     # keys: p1 0.95 - 0.1 * 5/5, p2 0.95 - 0.1 * 5/6, p3 0.9 - 0
     assert [s.prompt for s in novel if s.quantile == 0] == ["p3", "p2"]
