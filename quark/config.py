@@ -21,6 +21,10 @@ TRAIN_PRECISIONS = ("auto", "float32", "bfloat16")
 #: What an unlearn job optimises: Quark (reward tokens) or ACFT (the default output).
 OBJECTIVES = ("quark", "acft")
 
+#: Default of ``novelty_min_holders``: pooled completions that must share a 3-gram before the
+#: novelty term counts it against a sample (docs/results.md, ablation 16).
+NOVELTY_MIN_HOLDERS = 5
+
 #: Field metadata keys that bound a number (pydantic's names, so models can reuse them).
 BOUNDS = ("ge", "gt", "le", "lt")
 
@@ -213,7 +217,7 @@ class QuarkConfig(Params):
         ge=0,
     )
     novelty_min_holders: int = param(
-        5,
+        NOVELTY_MIN_HOLDERS,
         "Pooled completions (itself included) that must hold a 3-gram for the novelty term to "
         "count it. 5: the original model's samples have 2% of their 3-grams that common, a "
         "memorised template most of its; 2 (any repeat) also ranks the odd text of the "

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypedDict
 from uuid import uuid4
 
+from quark.config import NOVELTY_MIN_HOLDERS
 from quark.rewards.text import ngrams
 
 #: Word n-gram length of the novelty term (dist-3, the diversity the evaluation reports).
@@ -167,7 +168,7 @@ def quantize(
     num_quantiles: int,
     by_prompt: bool = False,
     novelty_coef: float = 0.0,
-    novelty_min_holders: int = 2,
+    novelty_min_holders: int = NOVELTY_MIN_HOLDERS,
 ) -> list[QuantizedSample]:
     """Assign scored records to `num_quantiles` reward quantiles as in the Quark paper.
 
@@ -224,16 +225,16 @@ def _relative_rewards(scored: Sequence[tuple[float, PoolRecord]]) -> list[float]
 
 
 def shared_ngram_shares(
-    completions: Sequence[str], min_holders: int = 2, n: int = NOVELTY_NGRAM
+    completions: Sequence[str], min_holders: int, n: int = NOVELTY_NGRAM
 ) -> list[float]:
     """For each completion, the share of its distinct word ``n``-grams that at least
-    ``min_holders`` completions of ``completions`` hold, itself included (2: any other one).
+    ``min_holders`` (>= 2) completions of ``completions`` hold, itself included (2: any other).
 
     A completion too short to have an ``n``-gram (an empty one included) counts as 1.0: it adds
     nothing new, and scoring it 0 would rank the emptiest text as the most novel.
     """
-    if min_holders < 1:
-        raise ValueError(f"min_holders must be >= 1, got {min_holders}")
+    if min_holders < 2:
+        raise ValueError(f"min_holders must be >= 2 (itself and another), got {min_holders}")
     grams = [set(ngrams(text.split(), n)) for text in completions]
     holders: dict[tuple[str, ...], int] = {}
     for own in grams:

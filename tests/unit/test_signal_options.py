@@ -47,11 +47,11 @@ def test_by_prompt_ranking_puts_the_best_continuation_of_a_toxic_prompt_on_top()
 
 
 def test_shared_ngram_shares_count_the_three_grams_another_completion_has() -> None:
-    shares = shared_ngram_shares(["a b c d", "x a b c", "p q r s", "", "a b"])
+    shares = shared_ngram_shares(["a b c d", "x a b c", "p q r s", "", "a b"], min_holders=2)
     # "a b c" is in both of the first two; "b c d" and "x a b" are theirs alone.
     assert shares == [0.5, 0.5, 0.0, 1.0, 1.0]  # too short for a 3-gram: nothing new
-    assert shared_ngram_shares(["a b c a b c"]) == [0.0]  # repeats within one text are its own
-    # With 3 holders needed only "a b c" of the last three counts.
+    assert shared_ngram_shares(["a b c a b c"], 2) == [0.0]  # repeats within one text: its own
+    # With min_holders=3 only "a b c" counts: three completions hold it, "b c d" two.
     assert shared_ngram_shares(["a b c d", "a b c", "a b c e", "b c d"], min_holders=3) == [
         0.5,
         1.0,
@@ -75,6 +75,10 @@ def test_novelty_term_ranks_a_repeated_clean_completion_below_a_new_one() -> Non
     assert [s.prompt for s in novel if s.quantile == 0] == ["p3", "p2"]
     assert {s.prompt: s.reward for s in novel}["p3"] == 0.9  # the reward itself is kept
     assert quantize(records, 2, novelty_coef=0.0) == quantize(records, 2)
+    # The default (5 holders): no 3-gram here is that common, so the rewards alone decide.
+    assert quantize(records, 2, novelty_coef=0.1) == quantize(records, 2)
+    with pytest.raises(ValueError, match="min_holders"):
+        shared_ngram_shares(["a b c"], min_holders=1)
 
 
 def test_weighted_sample_favours_heavy_keys_and_never_repeats() -> None:
