@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypedDict
@@ -236,10 +236,7 @@ def shared_ngram_shares(
     if min_holders < 2:
         raise ValueError(f"min_holders must be >= 2 (itself and another), got {min_holders}")
     grams = [set(ngrams(text.split(), n)) for text in completions]
-    holders: dict[tuple[str, ...], int] = {}
-    for own in grams:
-        for gram in own:
-            holders[gram] = holders.get(gram, 0) + 1
+    holders = Counter(gram for own in grams for gram in own)  # completions holding each
     return [sum(holders[g] >= min_holders for g in own) / len(own) if own else 1.0 for own in grams]
 
 
