@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, TypedDict
 from uuid import uuid4
 
-from quark.config import NOVELTY_MIN_HOLDERS
+from quark.config import NOVELTY_MIN_HOLDERS, QuarkConfig
 from quark.rewards.text import ngrams
 
 #: Word n-gram length of the novelty term (dist-3, the diversity the evaluation reports).
@@ -213,6 +213,20 @@ def quantize(
         )
         for i, (reward, r) in enumerate(ordered)
     ]
+
+
+def quantize_as_configured(
+    records: Sequence[PoolRecord], config: QuarkConfig
+) -> list[QuantizedSample]:
+    """:func:`quantize` with ``config``'s ranking options: the one binning that training and
+    the pool statistics share."""
+    return quantize(
+        records,
+        config.num_quantiles,
+        by_prompt=config.quantile_scope == "prompt",
+        novelty_coef=config.novelty_coef,
+        novelty_min_holders=config.novelty_min_holders,
+    )
 
 
 def _relative_rewards(scored: Sequence[tuple[float, PoolRecord]]) -> list[float]:

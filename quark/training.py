@@ -22,7 +22,13 @@ from quark.config import QuarkConfig
 from quark.lora import adapter_state, add_lora, freeze_lower_layers, load_adapter_state
 from quark.loss import LossStats, quark_loss, reference_kl, restrict_vocab
 from quark.models import QuarkModel, embedding_matrix, save_model
-from quark.pool import InMemoryPool, PoolRecord, QuantizedSample, quantile_stats, quantize
+from quark.pool import (
+    InMemoryPool,
+    PoolRecord,
+    QuantizedSample,
+    quantile_stats,
+    quantize_as_configured,
+)
 from quark.precision import bf16_autocast, training_autocast
 from quark.reference_cache import ReferenceCache
 from quark.rewards import RewardFn
@@ -170,14 +176,7 @@ class QuarkTrainer:
         return batch
 
     def _quantized(self) -> list[QuantizedSample]:
-        cfg = self.config
-        return quantize(
-            self.pool.records(),
-            cfg.num_quantiles,
-            by_prompt=cfg.quantile_scope == "prompt",
-            novelty_coef=cfg.novelty_coef,
-            novelty_min_holders=cfg.novelty_min_holders,
-        )
+        return quantize_as_configured(self.pool.records(), self.config)
 
     def _trained_quantiles(self) -> set[int]:
         last = self.config.num_quantiles - 1

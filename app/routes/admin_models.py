@@ -277,5 +277,5 @@ def pool_stats(backend: BackendDep) -> dict[str, Any]:
         "unscored": unscored,
         "max_records": stats["max_records"],
         "window": len(newest),
-        **reward_distribution(newest, backend.settings.num_quantiles),
+        **reward_distribution(newest, backend.settings.unlearn),
     }

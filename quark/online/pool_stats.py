@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from quark.pool import PoolRecord, quantile_stats, quantize
+from quark.config import QuarkConfig
+from quark.pool import PoolRecord, quantile_stats, quantize_as_configured
 
 
 def _summary(rewards: Sequence[float]) -> dict[str, Any]:
@@ -21,9 +22,10 @@ def _summary(rewards: Sequence[float]) -> dict[str, Any]:
     }
 
 
-def reward_distribution(records: Sequence[PoolRecord], num_quantiles: int) -> dict[str, Any]:
+def reward_distribution(records: Sequence[PoolRecord], config: QuarkConfig) -> dict[str, Any]:
     """Reward summaries of ``records``: per model version that generated them, per reward
-    token they were generated with, and per Quark quantile (how quantize would bin them)."""
+    token they were generated with, and per Quark quantile (as training with ``config``
+    would bin them)."""
     by_version: dict[str, list[PoolRecord]] = {}
     by_token: dict[str, list[PoolRecord]] = {}
     for record in records:
@@ -36,9 +38,10 @@ def reward_distribution(records: Sequence[PoolRecord], num_quantiles: int) -> di
         return {"records": len(group), **_summary(rewards)}
 
     scored = [r for r in records if r.reward is not None]
-    quantiles = quantize(scored, num_quantiles) if len(scored) >= num_quantiles else []
+    enough = len(scored) >= config.num_quantiles
+    quantiles = quantize_as_configured(scored, config) if enough else []
     return {
         "by_model_version": {v: block(g) for v, g in sorted(by_version.items())},
         "by_reward_token": {t: block(g) for t, g in sorted(by_token.items())},
-        "quantiles": quantile_stats(quantiles, num_quantiles),
+        "quantiles": quantile_stats(quantiles, config.num_quantiles),
     }

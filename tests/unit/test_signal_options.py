@@ -13,7 +13,14 @@ import torch
 
 from quark.config import QuarkConfig
 from quark.models import QuarkModel, add_reward_tokens, embedding_matrix, frozen_copy
-from quark.pool import PoolRecord, QuantizedSample, quantize, shared_ngram_shares
+from quark.online.pool_stats import reward_distribution
+from quark.pool import (
+    PoolRecord,
+    QuantizedSample,
+    quantize,
+    quantize_as_configured,
+    shared_ngram_shares,
+)
 from quark.precision import bf16_autocast
 from quark.rewards import KeywordShareReward
 from quark.training import QuarkTrainer, scaled_token_update, weighted_sample
@@ -79,6 +86,23 @@ def test_novelty_term_ranks_a_repeated_clean_completion_below_a_new_one() -> Non
     assert quantize(records, 2, novelty_coef=0.1) == quantize(records, 2)
     with pytest.raises(ValueError, match="min_holders"):
         shared_ngram_shares(["a b c"], min_holders=1)
+
+
+def test_pool_statistics_bin_the_pool_as_training_with_the_same_config_does() -> None:
+    template = "I am not sure what you mean"
+    records = [
+        PoolRecord("p1", template, 0.95),
+        PoolRecord("p2", template + " here", 0.95),
+        PoolRecord("p3", "the river froze early that year", 0.9),
+        PoolRecord("p4", "a toxic text of its own", 0.1),
+    ]
+    config = QuarkConfig(num_quantiles=2, novelty_coef=0.1, novelty_min_holders=2)
+    binned = quantize_as_configured(records, config)
+    assert binned == quantize(records, 2, novelty_coef=0.1, novelty_min_holders=2)
+    best = reward_distribution(records, config)["quantiles"][0]
+    assert best["count"] == 2 and best["mean"] == pytest.approx((0.9 + 0.95) / 2)  # p3 and p2
+    plain = reward_distribution(records, QuarkConfig(num_quantiles=2))["quantiles"][0]
+    assert plain["mean"] == pytest.approx(0.95)  # the rewards alone: p1 and p2
 
 
 def test_weighted_sample_favours_heavy_keys_and_never_repeats() -> None:
