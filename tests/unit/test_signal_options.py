@@ -101,7 +101,8 @@ def test_pool_statistics_bin_the_pool_as_training_with_the_same_config_does() ->
     assert binned == quantize(records, 2, novelty_coef=0.1, novelty_min_holders=2)
     best = reward_distribution(records, config)["quantiles"][0]
     assert best["count"] == 2 and best["mean"] == pytest.approx((0.9 + 0.95) / 2)  # p3 and p2
-    plain = reward_distribution(records, QuarkConfig(num_quantiles=2))["quantiles"][0]
+    by_reward = QuarkConfig(num_quantiles=2, novelty_coef=0)
+    plain = reward_distribution(records, by_reward)["quantiles"][0]
     assert plain["mean"] == pytest.approx(0.95)  # the rewards alone: p1 and p2
 
 
