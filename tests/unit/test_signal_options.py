@@ -34,6 +34,16 @@ SAMPLES = [
 ]
 
 
+TEMPLATE = "I am not sure what you mean"
+# Two clean completions sharing a template, a new clean one and a toxic one.
+TEMPLATE_POOL = [
+    PoolRecord("p1", TEMPLATE, 0.95),
+    PoolRecord("p2", TEMPLATE + " here", 0.95),
+    PoolRecord("p3", "the river froze early that year", 0.9),
+    PoolRecord("p4", "a toxic text of its own", 0.1),
+]
+
+
 def _trainer(qm: QuarkModel, prompts: list[str] | None = None, **overrides: object) -> QuarkTrainer:
     values: dict[str, object] = {"lr": 1e-3, "warmup_steps": 0, "steps": 4, "batch_size": 4}
     config = QuarkConfig(**{**values, **overrides})  # type: ignore[arg-type]
@@ -68,13 +78,7 @@ def test_shared_ngram_shares_count_the_three_grams_another_completion_has() -> N
 
 
 def test_novelty_term_ranks_a_repeated_clean_completion_below_a_new_one() -> None:
-    template = "I am not sure what you mean"
-    records = [
-        PoolRecord("p1", template, 0.95),
-        PoolRecord("p2", template + " here", 0.95),
-        PoolRecord("p3", "the river froze early that year", 0.9),
-        PoolRecord("p4", "a toxic text of its own", 0.1),
-    ]
+    records = TEMPLATE_POOL
     best = {s.prompt for s in quantize(records, 2) if s.quantile == 0}
     novel = quantize(records, 2, novelty_coef=0.1, novelty_min_holders=2)
     assert best == {"p1", "p2"}
@@ -89,13 +93,7 @@ def test_novelty_term_ranks_a_repeated_clean_completion_below_a_new_one() -> Non
 
 
 def test_pool_statistics_bin_the_pool_as_training_with_the_same_config_does() -> None:
-    template = "I am not sure what you mean"
-    records = [
-        PoolRecord("p1", template, 0.95),
-        PoolRecord("p2", template + " here", 0.95),
-        PoolRecord("p3", "the river froze early that year", 0.9),
-        PoolRecord("p4", "a toxic text of its own", 0.1),
-    ]
+    records = TEMPLATE_POOL
     config = QuarkConfig(num_quantiles=2, novelty_coef=0.1, novelty_min_holders=2)
     binned = quantize_as_configured(records, config)
     assert binned == quantize(records, 2, novelty_coef=0.1, novelty_min_holders=2)
