@@ -14,7 +14,7 @@ import torch
 
 from quark.models import QuarkModel, load_model, resolve_device, resolve_source
 from quark.precision import cpu_has_native_bf16, dtype_name, resolve_dtype
-from quark.quantize import quantization_label, quantize_linears
+from quark.quantize import can_quantize, quantization_label, quantize_linears
 from quark.service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,12 @@ def check_serving_dtype(settings: ServiceSettings) -> torch.dtype:
     dtype = serving_dtype(settings)
     device = resolve_device(settings.device)
     quantized = settings.quantization != "none"
-    if quantized and (device.type != "cpu" or dtype != torch.bfloat16):
+    if quantized and not can_quantize(device, dtype):
         raise ValueError(
-            f"QUARK_QUANTIZATION={settings.quantization} serves bfloat16 activations on CPU, "
-            f"but QUARK_DTYPE={settings.dtype} resolves to {dtype_name(dtype)} on {device}: "
-            "set QUARK_DTYPE=bfloat16 and QUARK_DEVICE=cpu, or QUARK_QUANTIZATION=none"
+            f"QUARK_QUANTIZATION={settings.quantization} serves a float32 or bfloat16 model on "
+            f"CPU, but QUARK_DTYPE={settings.dtype} resolves to {dtype_name(dtype)} on {device}: "
+            "set QUARK_DEVICE=cpu and QUARK_DTYPE=auto (or float32, bfloat16), or "
+            "QUARK_QUANTIZATION=none"
         )
     log.info("serving in %s (QUARK_DTYPE=%s, device %s)", dtype_name(dtype), settings.dtype, device)
     if settings.quantization == "int4":

@@ -2,8 +2,10 @@
 faster?
 
 On the real default model (SmolLM2-135M-Instruct, converted from its GGUF), loaded in
-float32, in bfloat16, and in bfloat16 with int8 or int4 weights (``QUARK_QUANTIZATION``)
-from the same weights, over RealToxicityPrompts dev prompts, each compared with float32:
+float32 and in each ``--variants`` from the same weights (default: bfloat16, and bfloat16
+with int8 or int4 weights, ``QUARK_QUANTIZATION``; ``float32+int8`` is a float32 model with
+int8 weights, as a CPU without native bf16 serves it), over RealToxicityPrompts dev prompts,
+each compared with float32:
 
 * greedy agreement: each prompt decoded greedily for ``--new-tokens`` tokens by the
   server's decoder (app.decoding) in both precisions; the share of prompts whose tokens
@@ -16,7 +18,8 @@ from the same weights, over RealToxicityPrompts dev prompts, each compared with 
   at temperature 1 with EOS ignored so every step runs the full batch.
 
 Usage: ``python benchmarks/dtype_agreement.py [--prompts 50] [--new-tokens 20]
-[--batch 1 16] [--threads 1] [--json out.json]``. Timings on a shared machine are noisy.
+[--batch 1 16] [--threads 1] [--variants bfloat16 int8 float32+int8] [--json out.json]``.
+Timings on a shared machine are noisy.
 """
 
 from __future__ import annotations
@@ -36,9 +39,22 @@ sys.path.insert(0, str(ROOT))
 from app.decoding import DecodeBatch, Row, RowSampling, decode, make_batch  # noqa: E402
 from benchmarks.engine_choice import load_prompts  # noqa: E402
 from quark.models import QuarkModel, load_model  # noqa: E402
+from quark.precision import QUANTIZATION_CHOICES  # noqa: E402
 from quark.quantize import quantize_linears  # noqa: E402
 
-QUANTIZED = ("int8", "int4")
+#: A variant is "<dtype>", "<method>" (a bfloat16 model with those weights) or "<dtype>+<method>".
+DEFAULT_VARIANTS = ("bfloat16", "int8", "int4")
+
+
+def load_variant(model: str, variant: str) -> QuarkModel:
+    """The model as ``variant`` serves it: "<dtype>", "<method>" or "<dtype>+<method>"."""
+    dtype, _, method = variant.partition("+")
+    if dtype in QUANTIZATION_CHOICES[1:]:  # "int8": a bfloat16 model with int8 weights
+        dtype, method = "bfloat16", dtype
+    qm = load_model(model, device="cpu", dtype=getattr(torch, dtype))
+    if method:
+        quantize_linears(qm.model, method)
+    return qm
 
 
 def prompt_ids(qm: QuarkModel, prompts: list[str]) -> list[list[int]]:
@@ -181,16 +197,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 16, 32], help="none: no timing")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (one compute core)")
+    parser.add_argument(
+        "--variants", nargs="+", default=list(DEFAULT_VARIANTS), help="e.g. bfloat16 float32+int8"
+    )
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models = {
-        "float32": load_model(args.model, device="cpu", dtype=torch.float32),
-        "bfloat16": load_model(args.model, device="cpu", dtype=torch.bfloat16),
-    }
-    for method in QUANTIZED:
-        models[method] = load_model(args.model, device="cpu", dtype=torch.bfloat16)
-        quantize_linears(models[method].model, method)
+    models = {"float32": load_model(args.model, device="cpu", dtype=torch.float32)}
+    for variant in args.variants:
+        models[variant] = load_variant(args.model, variant)
     prompts = prompt_ids(models["float32"], load_prompts(args.prompts))
     outputs = {n: [greedy(qm, p, args.new_tokens) for p in prompts] for n, qm in models.items()}
     agreement = {
@@ -200,7 +215,7 @@ def main() -> None:
                 models["float32"], models[name], prompts, outputs["float32"]
             ),
         }
-        for name in ("bfloat16", *QUANTIZED)
+        for name in args.variants
     }
     print(json.dumps(agreement), flush=True)
     rows = speed(models, prompts, args.batch, args)

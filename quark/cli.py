@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUANTIZATION_CHOICES,
         default="none",
         help="evaluate the model as the server serves it with QUARK_QUANTIZATION "
-        "(int8 and int4 need --dtype bfloat16 on CPU)",
+        "(int8 and int4: on CPU, with --dtype float32 or bfloat16)",
     )
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument(

@@ -81,18 +81,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _load_evaluated(args: argparse.Namespace) -> QuarkModel:
     """The evaluated model in ``--dtype``, with ``--quantization``'s weights as served."""
-    import torch
-
     from quark.models import load_model, resolve_device
     from quark.precision import resolve_dtype
-    from quark.quantize import quantize_linears
+    from quark.quantize import can_quantize, quantize_linears
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    if args.quantization != "none" and (device.type != "cpu" or dtype != torch.bfloat16):
+    if args.quantization != "none" and not can_quantize(device, dtype):
         raise SystemExit(
-            f"--quantization {args.quantization} serves bfloat16 activations on CPU: add "
-            "--dtype bfloat16 --device cpu"
+            f"--quantization {args.quantization} serves a float32 or bfloat16 model on CPU, "
+            f"not {dtype} on {device}: add --device cpu and --dtype auto (or float32, bfloat16)"
         )
     qm = load_model(args.model, device=args.device, dtype=dtype)
     if args.quantization != "none":

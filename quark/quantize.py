@@ -8,17 +8,20 @@
   0..15: GGUF's Q4_1 layout, so a model converted from a Q4_1 GGUF, like the default one,
   re-quantizes onto its own grid), multiplied by ``torch._weight_int4pack_mm_for_cpu``.
 
-Activations stay bfloat16. A one-stream decode step is bound by the bytes of weights it
-reads: int8 reads half of bfloat16's, int4 a quarter. With more rows than the format's
-``max_rows`` the packed kernels are slower than bfloat16's GEMM, so those calls (prefills,
-large batches) multiply by the same weights dequantized to bfloat16 and kept beside the
-packed ones: the same model either way, at about 1.5x (int8) or 1.3x (int4) bfloat16's memory
-(measured: docs/results.md, "Serving speed").
+The model keeps its own precision (bfloat16, or float32 on a CPU without native bf16)
+everywhere but inside the packed kernels, which take bfloat16 rows: they are fast on an
+AVX2-only CPU too, where a bfloat16 GEMM is emulated and several times slower than float32's.
+A one-stream decode step is bound by the bytes of weights it reads: int8 reads half of
+bfloat16's, int4 a quarter. With more rows than the format's ``max_rows`` the packed kernels
+are slower than a dense GEMM, so those calls (prefills, large batches) multiply by the same
+weights dequantized to the model's dtype and kept beside the packed ones: the same model
+either way, at the model's memory plus the packed weights' (a bfloat16 model: about 1.5x with
+int8, 1.3x with int4; measured: docs/results.md, "Serving speed").
 
 The output head is quantized too (for SmolLM2 it is a fifth of the weights), to int8 under
 either setting: the GGUF files llama.cpp serves keep it at 8 bits too (the default model's
 Q4_1 file stores it as Q8_0). A head tied to the input embeddings gets its own copy, and the
-embeddings stay bfloat16 (a lookup reads one row per token). Training never sees these
+embeddings keep the model's dtype (a lookup reads one row per token). Training never sees these
 modules: only serving loads them.
 """
 
@@ -62,9 +65,18 @@ def quantize_groups(
     return codes.to(torch.int32).reshape(out, inp), scale, low
 
 
+#: Model dtypes the quantized layers serve (outside their kernels); on CPU only.
+SERVED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def can_quantize(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weight-only quantization serves a model in ``dtype`` on ``device``."""
+    return device.type == "cpu" and dtype in SERVED_DTYPES
+
+
 class QuantizedLinear(nn.Module):
     """``nn.Linear`` with packed low-bit weights for calls of up to ``max_rows`` rows and the
-    same weights dequantized to bfloat16 for larger ones; see the module doc."""
+    same weights dequantized to the layer's dtype for larger ones; see the module doc."""
 
     max_rows: int
     label: str
@@ -72,25 +84,27 @@ class QuantizedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, dequantized: torch.Tensor) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = nn.Parameter(dequantized.to(torch.bfloat16), requires_grad=False)
+        dtype = linear.weight.dtype
+        self.weight = nn.Parameter(dequantized.to(dtype), requires_grad=False)
         self.bias = (
             None
             if linear.bias is None
-            else nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False)
+            else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         )
 
     def packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows [N, in] bfloat16 -> [N, out] with the packed weights."""
+        """rows [N, in] bfloat16 -> [N, out] bfloat16 with the packed weights."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Flatten to rows first: a strided 3-D input (the last position of a prefill) would
         # send F.linear to a batched matmul that copies the weight once per sequence.
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # [N, in]
+        rows = x.reshape(-1, self.in_features).to(self.weight.dtype)  # [N, in]
         if rows.shape[0] > self.max_rows:
             y = nn.functional.linear(rows, self.weight, self.bias)  # [N, out]
         else:
-            y = self.packed_mm(rows)  # [N, out]
+            # The kernels are fast with bfloat16 rows only (float32 rows: 4-7x slower on AVX2).
+            y = self.packed_mm(rows.to(torch.bfloat16)).to(rows.dtype)  # [N, out]
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -106,9 +120,10 @@ class Int8Linear(QuantizedLinear):
 
     def __init__(self, linear: nn.Linear) -> None:
         q, scale = quantize_rows(linear.weight)
-        super().__init__(linear, q.float() * scale[:, None])
+        scale = scale.to(torch.bfloat16)  # the kernel's precision, for both paths
+        super().__init__(linear, q.float() * scale.float()[:, None])
         self.weight_int8 = nn.Parameter(q, requires_grad=False)
-        self.scale = nn.Parameter(scale.to(torch.bfloat16), requires_grad=False)
+        self.scale = nn.Parameter(scale, requires_grad=False)
 
     def packed_mm(self, rows: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(rows, self.weight_int8, self.scale)
@@ -147,15 +162,15 @@ class Int4Linear(QuantizedLinear):
 
 
 def quantize_linears(model: nn.Module, method: str) -> None:
-    """Replace every ``nn.Linear`` of a bfloat16 CPU ``model`` by an ``Int8Linear`` or an
-    ``Int4Linear`` (``method``), in place; a head tied to the embeddings gets its own copy.
-    int4 leaves a layer whose shape its kernel cannot take (``Int4Linear.fits``) in bfloat16."""
+    """Replace every ``nn.Linear`` of a float32 or bfloat16 CPU ``model`` by an ``Int8Linear``
+    or an ``Int4Linear`` (``method``), in place; a head tied to the embeddings gets its own
+    copy. int4 leaves a layer whose shape its kernel cannot take (``Int4Linear.fits``) as it is."""
     weight = next(model.parameters())
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+    if not can_quantize(weight.device, weight.dtype):
         raise ValueError(
-            f"{method} serving quantization needs a bfloat16 model on CPU, not {weight.dtype} "
-            f"on {weight.device}: load it with QUARK_DTYPE=bfloat16, or use "
-            "QUARK_QUANTIZATION=none"
+            f"{method} serving quantization needs a float32 or bfloat16 model on CPU, not "
+            f"{weight.dtype} on {weight.device}: load it with QUARK_DTYPE=auto (or float32, "
+            "bfloat16) on CPU, or use QUARK_QUANTIZATION=none"
         )
     layer = {"int8": Int8Linear, "int4": Int4Linear}[method]
     get_head = getattr(model, "get_output_embeddings", None)  # a transformers model's head
@@ -174,7 +189,7 @@ def quantize_linears(model: nn.Module, method: str) -> None:
             else:
                 setattr(module, name, layer(child))
     if kept:
-        log.warning("int4: %d linear layers kept in bfloat16 (input width not a multiple of "
+        log.warning("int4: %d linear layers kept unquantized (input width not a multiple of "
                     "%d): %s", len(kept), INT4_GROUP, ", ".join(kept[:5]))  # fmt: skip
 
 

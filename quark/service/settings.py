@@ -139,8 +139,8 @@ class ServiceSettings(BaseSettings):
     )
     quantization: str = Field(
         "none",
-        description="serving weights: none, int8 or int4 (weight-only, CPU, needs QUARK_DTYPE "
-        "bfloat16 or auto resolving to it; both are faster for one stream). int4 (group-32, "
+        description="serving weights: none, int8 or int4 (weight-only, CPU, QUARK_DTYPE float32 "
+        "or bfloat16; both are faster for one stream). int4 (group-32, "
         "GGUF Q4_1's layout) keeps the default GGUF model as it is but rounds an unlearned "
         "version's changes away: use int8 with unlearning (docs/results.md)",
     )

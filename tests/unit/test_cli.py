@@ -108,25 +108,28 @@ def test_eval_writes_json(
     assert "expected_max_toxicity" in capsys.readouterr().out  # the printed table
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_eval_runs_the_model_as_served_with_int8(
-    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path
+    tiny_model_dir: Path, prompts_file: Path, tmp_path: Path, dtype: str
 ) -> None:
     out = tmp_path / "eval-int8.json"
     argv = [
         "eval", "--model", str(tiny_model_dir), "--prompts", str(prompts_file),
         "--samples", "2", "--limit", "2", "--max-new-tokens", "4", "--json", str(out),
-        "--device", "cpu", "--dtype", "bfloat16", "--quantization", "int8",
+        "--device", "cpu", "--dtype", dtype, "--quantization", "int8",
     ]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert (result["dtype"], result["quantization"]) == ("bfloat16", "int8")
+    assert (result["dtype"], result["quantization"]) == (dtype, "int8")
     assert math.isfinite(result["perplexity"])  # under the float32 reference
 
 
-def test_eval_quantization_needs_bfloat16(tiny_model_dir: Path, prompts_file: Path) -> None:
+def test_eval_quantization_needs_float32_or_bfloat16(
+    tiny_model_dir: Path, prompts_file: Path
+) -> None:
     argv = ["eval", "--model", str(tiny_model_dir), "--prompts", str(prompts_file),
-            "--device", "cpu", "--quantization", "int8"]  # fmt: skip
-    with pytest.raises(SystemExit, match="add --dtype bfloat16 --device cpu"):
+            "--device", "cpu", "--dtype", "float16", "--quantization", "int8"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"add --device cpu and --dtype auto \(or float32"):
         main(argv)
 
 

@@ -64,19 +64,20 @@ LAYERS = [Int8Linear, Int4Linear]
 
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("extra_rows", [0, 3])
-def test_quantized_linear_matches_the_bf16_linear(
-    layer: type[QuantizedLinear], extra_rows: int
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_quantized_linear_matches_the_linear(
+    layer: type[QuantizedLinear], extra_rows: int, dtype: torch.dtype
 ) -> None:
-    """Both paths (the packed kernel for few rows, the bf16 weight for many) agree with the
-    linear layer to the format's rounding."""
+    """Both paths (the packed kernel for few rows, the dequantized weight for many) agree with
+    the linear layer to the format's rounding, and answer in the layer's dtype."""
     torch.manual_seed(0)
-    linear = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    linear = nn.Linear(64, 48, bias=True).to(dtype)
     rows = 1 if not extra_rows else layer.max_rows + extra_rows
-    x = torch.randn(2, rows, 64, dtype=torch.bfloat16)
+    x = torch.randn(2, rows, 64, dtype=dtype)
     quantized = layer(linear)
     got, expected = quantized(x), linear(x)
     assert got.shape == expected.shape == (2, rows, 48)
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == quantized.weight.dtype == dtype
     rel = (got.float() - expected.float()).norm() / expected.float().norm()
     assert rel < {"int8": 0.02, "int4": 0.15}[layer.label]
 
@@ -100,6 +101,20 @@ def test_both_kernels_multiply_by_the_same_quantized_weights(layer: type[Quantiz
         return float((a - one_by_one).norm() / one_by_one.norm())
 
     assert rel(together) < 0.006 < 0.012 < rel(unquantized)  # int8 measured: 0.004 and 0.015
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_float32_layer_multiplies_by_the_same_weights_as_a_bfloat16_one(
+    layer: type[QuantizedLinear],
+) -> None:
+    """A float32 model's quantized layer holds the bfloat16 one's weights exactly (scales and
+    minimums are bfloat16 in both), and its packed path is the bfloat16 kernel's."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=False).to(torch.bfloat16).float()  # bfloat16-exact weights
+    as_float32, as_bfloat16 = layer(linear), layer(linear.to(torch.bfloat16))
+    assert torch.equal(as_float32.weight.bfloat16(), as_bfloat16.weight)
+    one_row = torch.randn(1, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(as_float32(one_row.float()), as_bfloat16(one_row).float())
 
 
 @pytest.mark.parametrize("layer", LAYERS)
@@ -137,10 +152,11 @@ def test_int4_pads_an_output_width_its_kernel_cannot_take() -> None:
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(
-    tiny_model_dir: Path, method: str
+    tiny_model_dir: Path, method: str, dtype: str
 ) -> None:
-    settings = ServiceSettings(device="cpu", dtype="bfloat16")
+    settings = ServiceSettings(device="cpu", dtype=dtype)
     plain = load_version(str(tiny_model_dir), settings)
     quantized = load_version(
         str(tiny_model_dir), settings.model_copy(update={"quantization": method})
@@ -148,10 +164,10 @@ def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(
     layer = {"int8": Int8Linear, "int4": Int4Linear}[method]
     linears = [m for m in quantized.qm.model.modules() if isinstance(m, layer)]
     assert linears and not any(type(m) is nn.Linear for m in quantized.qm.model.modules())
-    assert quantized.dtype == f"{method} weights, bfloat16" and plain.dtype == "bfloat16"
+    assert quantized.dtype == f"{method} weights, {dtype}" and plain.dtype == dtype
     assert isinstance(quantized.qm.model.get_output_embeddings(), Int8Linear)  # 8 bits either way
     embeddings = quantized.qm.model.get_input_embeddings().weight
-    assert embeddings.dtype == torch.bfloat16
+    assert embeddings.dtype == getattr(torch, dtype)
     prompt = list(plain.qm.tokenizer("The cat sat on", add_special_tokens=False)["input_ids"])
     tokens = [
         decode(loaded.qm, [Row(list(prompt), RowSampling(8, 0.0))])[0].tokens
@@ -163,12 +179,14 @@ def test_quantized_model_keeps_its_greedy_tokens_and_embeddings(
 
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantization_needs_a_bfloat16_cpu_model(method: str) -> None:
-    with pytest.raises(ValueError, match=f"{method} serving quantization needs a bfloat16"):
-        quantize_linears(nn.Sequential(nn.Linear(32, 4)), method)
-    settings = ServiceSettings(device="cpu", dtype="float32", quantization=method)
-    with pytest.raises(ValueError, match="QUARK_DTYPE=bfloat16"):
+def test_quantization_needs_a_float32_or_bfloat16_cpu_model(method: str) -> None:
+    with pytest.raises(ValueError, match=f"{method} serving quantization needs a float32 or"):
+        quantize_linears(nn.Sequential(nn.Linear(32, 4)).half(), method)
+    settings = ServiceSettings(device="cpu", dtype="float16", quantization=method)
+    with pytest.raises(ValueError, match="QUARK_DTYPE=auto"):
         check_serving_dtype(settings)
+    float32 = settings.model_copy(update={"dtype": "float32"})
+    assert check_serving_dtype(float32) == torch.float32
 
 
 def test_int4_warns_at_start_up_that_it_rounds_unlearning_away(
