@@ -10,7 +10,7 @@
 
 The model keeps its own precision (bfloat16, or float32 on a CPU without native bf16)
 everywhere but inside the packed kernels, which take bfloat16 rows: they are fast on an
-AVX2-only CPU too, where a bfloat16 GEMM is emulated and several times slower than float32's.
+AVX2-only CPU too, where bfloat16 GEMMs are emulated (4x float32's time at 16 rows).
 A one-stream decode step is bound by the bytes of weights it reads: int8 reads half of
 bfloat16's, int4 a quarter. With more rows than the format's ``max_rows`` the packed kernels
 are slower than a dense GEMM, so those calls (prefills, large batches) multiply by the same
@@ -103,7 +103,8 @@ class QuantizedLinear(nn.Module):
         if rows.shape[0] > self.max_rows:
             y = nn.functional.linear(rows, self.weight, self.bias)  # [N, out]
         else:
-            # The kernels are fast with bfloat16 rows only (float32 rows: 4-7x slower on AVX2).
+            # The kernels are fast with bfloat16 rows only: fed float32 rows they took 2.5-30x
+            # float32's own matmul time on AVX2 (benchmarks/int4_kernel_probe.py).
             y = self.packed_mm(rows.to(torch.bfloat16)).to(rows.dtype)  # [N, out]
             if self.bias is not None:
                 y = y + self.bias
