@@ -103,7 +103,7 @@ class QuantizedLinear(nn.Module):
         if rows.shape[0] > self.max_rows:
             y = nn.functional.linear(rows, self.weight, self.bias)  # [N, out]
         else:
-            # The kernels are fast with bfloat16 rows only: fed float32 rows they took 2.5-30x
+            # The kernels are fast with bfloat16 rows only: fed float32 rows they took 2.5-32x
             # float32's own matmul time on AVX2 (benchmarks/int4_kernel_probe.py).
             y = self.packed_mm(rows.to(torch.bfloat16)).to(rows.dtype)  # [N, out]
             if self.bias is not None:
